@@ -1,0 +1,49 @@
+"""DDP on the CPU with gloo: two processes equal one process with the same global batch, and a
+two-node launch on localhost (NODE_RANK 0 and 1) completes fit and validate."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT, run_script, tiny_args
+
+from xlab.checkpoint import load_checkpoint
+
+DDP = {"trainer.accelerator": "cpu", "trainer.strategy": "ddp"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    single = tiny_args(tmp_path, steps=4, **{"data.batch_size": 8, "trainer.logger.init_args.save_dir": tmp_path / "one"})
+    run_script("xlab.py", "fit", *single)
+    double = tiny_args(tmp_path, steps=4, **DDP, **{"trainer.devices": 2, "data.batch_size": 4,
+                                                    "trainer.logger.init_args.save_dir": tmp_path / "two"})
+    run_script("xlab.py", "fit", *double, env={"MASTER_PORT": str(free_port())})
+    one = load_checkpoint(tmp_path / "one/version_0/checkpoints/last.ckpt")
+    two = load_checkpoint(tmp_path / "two/version_0/checkpoints/last.ckpt")
+    assert one.meta["tokens_seen"] == two.meta["tokens_seen"] == 4 * 8 * 32
+    assert one.meta["val_loss"] == two.meta["val_loss"] or abs(one.meta["val_loss"] - two.meta["val_loss"]) < 1e-5
+    for name, weight in one.model.state_dict().items():
+        torch.testing.assert_close(weight, two.model.state_dict()[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_two_nodes_on_localhost_fit_and_validate(tmp_path):
+    args = tiny_args(tmp_path, steps=2, **DDP, **{"trainer.devices": 1, "trainer.num_nodes": 2})
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for command in (["fit"], ["validate", f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/last.ckpt"]):
+        nodes = [subprocess.Popen([sys.executable, str(ROOT / "xlab.py"), *command, *args], cwd=ROOT, text=True,
+                                  env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT) for rank in (0, 1)]
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert "val/loss" in outputs[0]
+    assert (tmp_path / "logs/version_0/checkpoints/last.ckpt").is_file()

@@ -1,0 +1,431 @@
+"""The transformer against independent references: a naive re-implementation of the forward pass from
+the papers' formulas, PyTorch built-ins, and values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xlab.transformer import (
+    MLP,
+    KVCache,
+    Transformer,
+    TransformerConfig,
+    alibi_slopes,
+    apply_rope,
+    make_norm,
+    rope_tables,
+    sinusoidal_table,
+)
+
+POSITIONS = ["none", "sinusoidal", "learned", "rope", "alibi"]
+
+# ALiBi slopes from the paper's rule, worked out by hand. 2^k heads: 2^(-8/n), 2^(-16/n), ...;
+# 6 heads: the 4-head slopes, then every other slope of the 8-head sequence (2^-1, 2^-3).
+ALIBI_BY_HAND = {
+    4: [2**-2, 2**-4, 2**-6, 2**-8],
+    6: [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3],
+    8: [2**-1, 2**-2, 2**-3, 2**-4, 2**-5, 2**-6, 2**-7, 2**-8],
+}
+
+
+def tiny(**overrides) -> TransformerConfig:
+    fields = {"vocab_size": 61, "context": 24, "n_layers": 2, "n_heads": 4, "d_model": 32, "init_std": 0.2}
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def model_of(config: TransformerConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases, so that mixing them up would show
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+# --------------------------------------------------------------------------- reference implementation
+
+
+def ref_norm(x, module, config):
+    if config.norm == "rmsnorm":
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * module.weight
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + config.norm_eps) * module.weight
+    return y + module.bias if module.bias is not None else y
+
+
+def ref_linear(x, module):
+    y = x @ module.weight.T
+    return y + module.bias if module.bias is not None else y
+
+
+def ref_activation(h, kind):
+    if kind == "gelu":
+        return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    if kind == "gelu_tanh":
+        return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    if kind == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    gate, up = h[..., : h.shape[-1] // 2], h[..., h.shape[-1] // 2:]  # swiglu: gate rows first
+    return gate * torch.sigmoid(gate) * up
+
+
+def ref_rope(x, positions, theta):
+    """x (B, T, heads, D): pairs (x[i], x[i + D/2]) as complex numbers times exp(i * pos * theta^(-2i/D))."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    angle = positions.double()[..., None, None] * freq  # (B, T, 1, D/2)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+
+
+def ref_sinusoid(length, dim):
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    for pos in range(length):
+        for i in range(dim):
+            angle = pos / 10000 ** (2 * (i // 2) / dim)
+            table[pos, i] = math.sin(angle) if i % 2 == 0 else math.cos(angle)
+    return table
+
+
+def reference_forward(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) computed naively: explicit masked softmax, repeated kv heads, formulas by hand."""
+    config = model.config
+    B, T = idx.shape
+    C, H, G, D = config.d_model, config.n_heads, config.kv_heads, config.head_dim
+    positions = torch.arange(T).expand(B, T)
+    x = model.wte.weight[idx]
+    if config.position == "learned":
+        x = x + model.wpe.weight[:T]
+    if config.position == "sinusoidal":
+        x = x + ref_sinusoid(T, C).to(x.dtype)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for block in model.blocks:
+        def attention(h, block=block):
+            qkv = ref_linear(h, block.attn.qkv)
+            q = qkv[..., :C].reshape(B, T, H, D)
+            k = qkv[..., C: C + G * D].reshape(B, T, G, D)
+            v = qkv[..., C + G * D:].reshape(B, T, G, D)
+            if config.qk_norm:
+                q, k = ref_norm(q, block.attn.q_norm, config), ref_norm(k, block.attn.k_norm, config)
+            if config.position == "rope":
+                q, k = ref_rope(q, positions, config.rope_theta), ref_rope(k, positions, config.rope_theta)
+            # grouped-query: query head h reads key/value head h // (H / G)
+            k, v = k.repeat_interleave(H // G, dim=2), v.repeat_interleave(H // G, dim=2)
+            scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+            if config.position == "alibi":  # bias -m_h * (i - j) on the score of query i for key j
+                slopes = torch.tensor(ALIBI_BY_HAND[H], dtype=scores.dtype)
+                distance = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(scores.dtype)
+                scores = scores - slopes[:, None, None] * distance
+            weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            y = torch.einsum("bhts,bshd->bthd", weights, v).reshape(B, T, C)
+            return ref_linear(y, block.attn.proj)
+
+        def mlp(h, block=block):
+            return ref_linear(ref_activation(ref_linear(h, block.mlp.up), config.mlp), block.mlp.down)
+
+        if config.prenorm:
+            x = x + attention(ref_norm(x, block.norm1, config))
+            x = x + mlp(ref_norm(x, block.norm2, config))
+        else:
+            x = ref_norm(x + attention(x), block.norm1, config)
+            x = ref_norm(x + mlp(x), block.norm2, config)
+    if config.final_norm:
+        x = ref_norm(x, model.norm, config)
+    return (x @ model.lm_head.weight.T)[..., : config.vocab_size]
+
+
+REFERENCE_CONFIGS = {
+    "gpt2": {"position": "learned", "mlp": "gelu_tanh"},
+    "llama-gqa": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_heads": 2,
+                  "tie_embeddings": False, "rope_theta": 500.0},
+    "mqa": {"position": "rope", "n_kv_heads": 1, "mlp": "relu"},
+    "alibi-4": {"position": "alibi", "mlp": "gelu"},
+    "alibi-6-heads": {"position": "alibi", "n_heads": 6, "d_model": 36, "n_kv_heads": 3},
+    "alibi-8-heads": {"position": "alibi", "n_heads": 8, "norm": "rmsnorm"},
+    "sinusoidal-postnorm": {"position": "sinusoidal", "prenorm": False, "final_norm": False},
+    "none-qknorm": {"position": "none", "qk_norm": True, "norm_bias": False},
+    "qknorm-rope-rms": {"position": "rope", "qk_norm": True, "norm": "rmsnorm", "n_kv_heads": 2},
+    "padded-vocab": {"pad_vocab_to": 64, "tie_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
+def test_forward_matches_naive_reference(name):
+    model = model_of(tiny(**REFERENCE_CONFIGS[name]))
+    idx = torch.randint(0, 61, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, expected = model(idx), reference_forward(model, idx)
+    assert logits.shape == (3, 24, 61)
+    assert expected.std() > 0.5  # the init makes logits large enough for the comparison to mean something
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "alibi-6-heads", "qknorm-rope-rms"])
+def test_gradients_match_naive_reference(name):
+    """Backward too (the fused SwiGLU has its own), in float64. The RoPE tables are computed in float32 (as in
+    Hugging Face), hence a relative tolerance of 1e-5 of each gradient's scale rather than float64 precision."""
+    model = model_of(tiny(**REFERENCE_CONFIGS[name])).double().train()
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(2))
+    target = torch.randn(2, 16, 61, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((model(idx) * target).sum(), params)
+    expected = torch.autograd.grad((reference_forward(model, idx) * target).sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- components
+
+
+def test_alibi_slopes_by_hand():
+    for n, slopes in ALIBI_BY_HAND.items():
+        torch.testing.assert_close(alibi_slopes(n), torch.tensor(slopes), atol=0, rtol=0)
+    # the paper's geometric sequence for powers of two: start = ratio = 2^(-8/n)
+    n = 16
+    torch.testing.assert_close(alibi_slopes(n), torch.tensor([2 ** (-8 * (h + 1) / n) for h in range(n)]))
+
+
+@pytest.mark.parametrize("dim", [8, 32, 7])
+def test_sinusoidal_table_matches_formula(dim):
+    torch.testing.assert_close(sinusoidal_table(40, dim).double(), ref_sinusoid(40, dim), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500.0])
+def test_rope_matches_complex_rotation(theta):
+    x = torch.randn(2, 3, 10, 16)  # (B, heads, T, D)
+    cos, sin = rope_tables(10, 16, theta)
+    positions = torch.arange(10).expand(2, 10)
+    expected = ref_rope(x.transpose(1, 2), positions, theta).transpose(1, 2)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected, atol=1e-5, rtol=1e-5)
+    # a rotation keeps the norm of every pair, and relative: <R(m)q, R(n)k> depends on m - n only
+    q, k = torch.randn(16), torch.randn(16)
+    cos, sin = rope_tables(12, 16, theta)
+
+    def dot(m, n):
+        return float(apply_rope(q, cos[m], sin[m]) @ apply_rope(k, cos[n], sin[n]))
+
+    assert dot(5, 2) == pytest.approx(dot(9, 6), abs=1e-4)
+
+
+def test_rmsnorm_matches_formula():
+    config = tiny(norm="rmsnorm", norm_eps=1e-3)
+    norm = make_norm(config, 32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x = torch.randn(4, 5, 32) * 3
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-3) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "relu", "swiglu"])
+def test_mlp_matches_functional_formulas(kind):
+    torch.manual_seed(0)
+    mlp = MLP(tiny(mlp=kind, d_ff=48))
+    assert mlp.up.weight.shape == ((96 if kind == "swiglu" else 48), 32)  # gate and up fused
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    h = F.linear(x, mlp.up.weight, mlp.up.bias)
+    if kind == "swiglu":
+        expected = F.linear(F.silu(h[..., :48]) * h[..., 48:], mlp.down.weight, mlp.down.bias)
+    else:
+        act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}[kind]
+        expected = F.linear(act(h), mlp.down.weight, mlp.down.bias)
+    out = mlp(x)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+
+
+# --------------------------------------------------------------------------- causality, tying, init, dropout
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_changing_a_token_never_changes_earlier_logits(position):
+    model = model_of(tiny(position=position, n_kv_heads=2))
+    idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(idx)
+        for t in (0, 7, 19):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % 61
+            after = model(changed)
+            torch.testing.assert_close(after[:, :t], before[:, :t], atol=1e-6, rtol=0)
+            assert (after[:, t:] - before[:, t:]).abs().amax(-1).min() > 1e-4  # every later position sees it
+
+
+def test_weight_tying_shares_storage_only_when_asked():
+    tied, untied = Transformer(tiny(tie_embeddings=True)), Transformer(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+    with torch.no_grad():
+        untied.wte.weight.zero_()
+    assert untied.lm_head.weight.abs().sum() > 0
+    # a tied model's embedding receives the gradient of both uses
+    loss = tied(torch.tensor([[1, 2, 3]])).sum()
+    loss.backward()
+    assert tied.wte.weight.grad[10].abs().sum() > 0  # token 10 is never an input: only the head touches it
+
+
+def test_gpt2_init_statistics():
+    L = 8
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=512, context=64, n_layers=L, n_heads=4, d_model=256))
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            assert p.std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.03), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.03), name
+            assert abs(p.mean().item()) < 0.002, name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:  # norm gains
+            assert torch.all(p == 1), name
+
+
+@pytest.mark.parametrize("field", ["dropout_embed", "dropout_attn", "dropout_resid"])
+def test_dropout_acts_in_training_only_when_configured(field):
+    idx = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(4))
+    off = model_of(tiny())
+    on = model_of(tiny(**{field: 0.5}))
+    torch.testing.assert_close(on.eval()(idx), off.eval()(idx), atol=0, rtol=0)  # same weights: same seed
+    torch.testing.assert_close(off.train()(idx), off.eval()(idx), atol=0, rtol=0)
+    train_logits = on.train()(idx)
+    assert not torch.allclose(train_logits, on.eval()(idx))
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def test_param_count_by_hand():
+    # GPT-2 style: V=61, context 24, L=2, C=32, 4 heads, 2 kv heads (D=8), d_ff 48, tied
+    model = Transformer(tiny(n_kv_heads=2, d_ff=48))
+    C, kv, F_, V, ctx = 32, 2 * 2 * 8, 48, 61, 24
+    block = 2 * C + (C * (C + kv) + C + kv) + (C * C + C) + 2 * C + (C * F_ + F_) + (F_ * C + C)
+    assert model.num_params() == V * C + ctx * C + 2 * block + 2 * C
+    assert model.num_params(embeddings=False) == 2 * block + 2 * C
+    # Llama style, untied, padded vocabulary (61 -> 64 rows), no biases, SwiGLU's two input matrices
+    model = Transformer(tiny(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,
+                             d_ff=48, pad_vocab_to=32))
+    block = C + C * (C + 2 * C) + C * C + C + C * 2 * F_ + F_ * C
+    assert model.num_params() == 64 * C + 2 * block + C + 64 * C
+    assert model.num_params(embeddings=False) == 2 * block + C
+
+
+def test_flops_per_token_by_hand():
+    model = Transformer(tiny())  # tied, learned positions: N = all parameters but the position table
+    n = model.num_params() - 24 * 32
+    flops = model.flops_per_token(16)
+    assert flops["total"] == 6 * n + 12 * 2 * 32 * 16
+    assert flops["forward"] * 3 == flops["total"] and flops["backward"] == 2 * flops["forward"]
+    untied = Transformer(tiny(position="rope", tie_embeddings=False))  # untied: the input lookup is no matmul
+    n = untied.num_params() - 61 * 32
+    assert untied.flops_per_token()["total"] == 6 * n + 12 * 2 * 32 * 24
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def incremental(model, idx, prefill, chunks=()):
+    """Logits of idx fed as a prefill of `prefill` tokens, then chunks of the given sizes, then single tokens."""
+    cache = KVCache(model.config, idx.shape[0])
+    out, t = [model(idx[:, :prefill], cache)], prefill
+    for size in [*chunks, *[1] * (idx.shape[1] - prefill - sum(chunks))]:
+        out.append(model(idx[:, t: t + size], cache))
+        t += size
+    assert cache.length == idx.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_kv_cache_equals_full_forward(position, heads):
+    model = model_of(tiny(position=position, n_heads=heads[0], n_kv_heads=heads[1], init_std=0.1))
+    idx = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(idx)
+        assert (incremental(model, idx, prefill=6) - full).abs().max() <= 1e-5
+        assert (incremental(model, idx, prefill=5, chunks=(4, 3)) - full).abs().max() <= 1e-5
+
+
+def test_kv_cache_reorder_selects_rows():
+    model = model_of(tiny(position="rope", n_kv_heads=2))
+    idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = KVCache(model.config, 2)
+        model(idx[:, :9], cache)
+        cache.reorder(torch.tensor([1, 1]))
+        step = model(idx[1:, 9:].expand(2, 1), cache)
+        torch.testing.assert_close(step[0], model(idx[1:])[0, 9:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(step[1], step[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_left_padded_batch_equals_rows_alone(position):
+    """Prompts of lengths 12, 9, 5 left-padded to 12, then 4 generated tokens, all through the cache."""
+    model = model_of(tiny(position=position, n_kv_heads=2, init_std=0.1))
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randint(1, 61, (n,), generator=gen) for n in (12, 9, 5)]
+    new = torch.randint(1, 61, (3, 4), generator=gen)
+    T = 12
+    idx = torch.zeros(3, T, dtype=torch.long)  # pad id 0, never attended to
+    key_mask = torch.zeros(3, T, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        idx[r, T - len(row):] = row
+        key_mask[r, T - len(row):] = True
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = model(idx, positions=positions, key_mask=key_mask)  # no cache
+        cache = KVCache(model.config, 3)
+        steps = [model(idx, cache, positions=positions, key_mask=key_mask)]
+        for t in range(new.shape[1]):
+            key_mask = torch.cat([key_mask, torch.ones(3, 1, dtype=torch.bool)], dim=1)
+            positions = positions[:, -1:] + 1
+            steps.append(model(new[:, t: t + 1], cache, positions=positions, key_mask=key_mask))
+        cached = torch.cat(steps, dim=1)
+        assert torch.isfinite(padded).all() and torch.isfinite(cached).all()  # padding queries get no NaN
+        for r, row in enumerate(rows):
+            alone = model(torch.cat([row, new[r]])[None])[0]
+            n = len(row)
+            assert (padded[r, T - n:] - alone[:n]).abs().max() <= 1e-5
+            assert (cached[r, T - n:] - alone).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"d_model": 30, "n_heads": 4}, "d_model=30 is not divisible by n_heads=4"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 is not divisible by n_kv_heads=3"),
+    ({"position": "rope", "d_model": 12, "n_heads": 4}, "RoPE needs an even head dimension, got d_model/n_heads=3"),
+    ({"vocab_size": 0}, "must be positive"),
+])
+def test_bad_config_raises(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**fields)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
+def test_sequence_longer_than_context_raises(position):
+    model = Transformer(tiny(position=position, context=8))
+    with pytest.raises(ValueError, match="sequence of 9 tokens exceeds the context of 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="position 8 is beyond the context of 8"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[7, 8]]))
+    cache = KVCache(model.config, 1, max_len=16)  # a longer cache does not stretch the position table
+    model(torch.zeros(1, 6, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="position 8 is beyond the context of 8"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+
+
+def test_cache_overflow_raises_and_alibi_extrapolates():
+    model = Transformer(tiny(position="alibi", context=8))
+    cache = KVCache(model.config, 1, max_len=12)  # ALiBi has no table: a longer cache is fine
+    model(torch.zeros(1, 10, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="sequence of 13 tokens exceeds the cache length of 12"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache)

@@ -1,0 +1,1 @@
+"""XLab: train GPT-style language models from scratch with PyTorch Lightning."""

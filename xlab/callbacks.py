@@ -1,0 +1,74 @@
+"""Training callbacks: throughput and MFU, and a checkpoint on SIGTERM (preemption)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Lightning precision string such as 'bf16-mixed' or '32-true'."""
+    return PRECISION_DTYPES.get(str(precision).split("-")[0], torch.float32)
+
+
+class Throughput(L.Callback):
+    """Logs tokens/s, tokens seen and model FLOPs utilisation every `log_every_n_steps`.
+
+    MFU = FLOPs per token (the model's 6N + attention estimate) x tokens/s / (peak x devices).
+    The peak comes from `peak_flops` (per device), else from Lightning's table of known GPUs;
+    on a CPU without `peak_flops` MFU is not logged. Timing never synchronises the device:
+    over a logging interval the queue of pending work is short against the interval.
+    """
+
+    def __init__(self, peak_flops: float | None = None):
+        self.peak_flops = peak_flops
+        self._start: float | None = None
+        self._tokens = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak_flops is None and trainer.strategy.root_device.type == "cuda":
+            self.peak_flops = get_available_flops(trainer.strategy.root_device,
+                                                  precision_dtype(trainer.precision))
+        self._flops_per_token = pl_module.model.flops_per_token()["total"]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start, self._tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += batch[0].numel() * trainer.world_size
+        if not trainer._logger_connector.should_update_logs:
+            return
+        elapsed = time.perf_counter() - self._start
+        tokens_per_s = self._tokens / elapsed
+        metrics = {"perf/tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            metrics["perf/mfu"] = self._flops_per_token * tokens_per_s / (self.peak_flops * trainer.world_size)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
+        pl_module.log("tok/s", tokens_per_s, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self._start = None
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM (preemption, a SLURM time limit) save `last.ckpt` before the process exits;
+    Lightning raises SIGTERMException at a batch boundary, so the state is consistent."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or not trainer.training:
+            return
+        checkpoint = trainer.checkpoint_callback
+        folder = Path(checkpoint.dirpath) if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath \
+            else Path(trainer.default_root_dir) / "checkpoints"
+        path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        log.warning("SIGTERM received at step %d: saved %s", trainer.global_step, path)

@@ -1,0 +1,95 @@
+"""The `xlab.py` command line: LightningCLI over `LanguageModel` and `XLabDataModule`.
+
+Configs layer as code defaults < conf/defaults.yaml < each `-c FILE` < command-line flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningCLI, _get_short_description
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from xlab.callbacks import PreemptionCheckpoint, Throughput
+from xlab.checkpoint import CheckpointError
+from xlab.data import XLabDataModule
+from xlab.module import LanguageModel, NonFiniteLoss
+
+DEFAULTS = Path(__file__).resolve().parent.parent / "conf" / "defaults.yaml"
+
+
+DATA_COMMANDS = ("prepare_data", "train_tokenizer", "compute_stats")  # XLabDataModule methods, no trainer needed
+
+
+class XLabCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **{name: set() for name in DATA_COMMANDS}}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """LightningCLI's, except that the data commands are described by the DataModule's methods rather than
+        the Trainer's: each takes the same config as fit and no extra arguments."""
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            klass = XLabDataModule if name in DATA_COMMANDS else self.trainer_class
+            sub_kwargs = {"description": _get_short_description(getattr(klass, name)), **kwargs.get(name, {})}
+            self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
+            subcommands.add_subcommand(name, self._subcommand_parsers[name], help=sub_kwargs["description"])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in DATA_COMMANDS:
+            getattr(self.datamodule, subcommand)()
+        else:
+            super()._run_subcommand(subcommand)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # the tokenizer is trained to the data's vocabulary size and windows match the model's context
+        # (a pretrained tokenizer brings its own size: the model's vocabulary is read from its file)
+        parser.link_arguments(("data.vocab_size", "data.pretrained_tokenizer"), "model.arch.vocab_size",
+                              compute_fn=XLabDataModule.model_vocab_size)
+        parser.link_arguments("model.arch.context", "data.context")
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_argument("--global_batch_size", type=int | None, default=None,
+                            help="sequences per optimizer step over all devices; sets gradient accumulation")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(PreemptionCheckpoint())
+        check_hardware(trainer)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("global_batch_size"):
+            trainer.accumulate_grad_batches = accumulation_steps(
+                config.global_batch_size, config.data.batch_size, trainer.world_size)
+        return trainer
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(f"global_batch_size={global_batch} is not a multiple of data.batch_size x devices = "
+                         f"{micro_batch} x {world_size}: change one so that accumulation is a whole number")
+    return global_batch // per_step
+
+
+def check_hardware(trainer) -> None:
+    """Combinations that cannot work fail here, before any data is prepared."""
+    device = trainer.strategy.root_device
+    precision = str(trainer.precision)
+    if device.type == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision {precision} needs a GPU with bfloat16 support; use 16-mixed or 32")
+    if device.type == "cpu" and "FSDP" in type(trainer.strategy).__name__:
+        raise ValueError("FSDP needs GPUs; on the CPU use strategy ddp (conf/extra/ddp.yaml)")
+
+
+def main(args: list[str] | None = None) -> None:
+    defaults = {"default_config_files": [str(DEFAULTS)] if DEFAULTS.is_file() else []}
+    try:
+        XLabCLI(LanguageModel, XLabDataModule, args=args,
+                parser_kwargs={cmd: defaults for cmd in XLabCLI.subcommands()},
+                save_config_kwargs={"overwrite": True})
+    except (ValueError, FileNotFoundError, CheckpointError, MisconfigurationException, NonFiniteLoss) as err:
+        # configuration and input problems: one line that names the problem, no traceback
+        sys.exit(f"error: {err}")

@@ -1,0 +1,206 @@
+"""`./infer.py CKPT "PROMPT"`: generate text from a training checkpoint or an exported one.
+
+Sampling is the default (temperature 0.8, top-k 50); --greedy and --beam-width N pick the other
+strategies. Options that do not apply to the chosen strategy are an error. Without a prompt it
+reads prompts from stdin, one per line, and streams a reply to each until end of input (Ctrl-D).
+Bad input gives one line `error: ...` on stderr and exit status 2.
+
+    ./infer.py exports/model "Once upon a time" --max-new-tokens 100
+    ./infer.py runs/last.ckpt "The" --greedy
+    ./infer.py exports/model "The" --beam-width 4 --num-samples 3
+    ./infer.py exports/model                        # interactive
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 50}
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage too; one line is the contract
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="infer.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("checkpoint", help="a training checkpoint (.ckpt) or an exported folder")
+    p.add_argument("prompt", nargs="?", help="text to continue; without it, read prompts from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    strategy = p.add_argument_group("strategy (default: sampling)")
+    strategy.add_argument("--greedy", action="store_true", help="greedy search")
+    strategy.add_argument("--beam-width", type=int, default=1, help="> 1: beam search of this width")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--temperature", type=float, help=f"default {SAMPLING_DEFAULTS['temperature']}")
+    sampling.add_argument("--top-k", type=int, help=f"default {SAMPLING_DEFAULTS['top_k']}")
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    sampling.add_argument("--min-p", type=float, help="in [0, 1], relative to the most probable token")
+    sampling.add_argument("--seed", type=int, help="the same seed gives the same text (on the same device)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (any strategy)")
+    p.add_argument("--length-penalty", type=float, help="beam search: score = logprob / length**this (default 1)")
+    p.add_argument("--num-samples", type=int, default=1, help="sampling: independent samples; beam: the n best")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--tokenizer", help="tokenizer.json (or its folder) replacing the checkpoint's own")
+    return p
+
+
+def generation_config(args: argparse.Namespace, tokenizer):
+    """The GenerationConfig the flags ask for; UsageError for flags that do not fit the strategy."""
+    from xlab.generate import GenerationConfig
+
+    if args.greedy and args.beam_width != 1:
+        raise UsageError("--greedy and --beam-width > 1 are two different strategies: choose one")
+    if args.beam_width < 1:
+        raise UsageError(f"--beam-width must be >= 1, got {args.beam_width}")
+    strategy = "beam" if args.beam_width > 1 else "greedy" if args.greedy else "sample"
+    given = {name: getattr(args, name) for name in SAMPLING_ONLY if getattr(args, name) is not None}
+    if strategy != "sample":
+        misplaced = [f"--{name.replace('_', '-')}" for name in given] + (["--seed"] if args.seed is not None else [])
+        verb = "applies" if len(misplaced) == 1 else "apply"
+        if misplaced:
+            flag = "--greedy" if strategy == "greedy" else "--beam-width > 1"
+            raise UsageError(f"{', '.join(misplaced)} only {verb} to sampling, not with {flag}")
+    if args.length_penalty is not None and strategy != "beam":
+        raise UsageError("--length-penalty only applies to beam search (--beam-width > 1)")
+    if args.num_samples != 1 and strategy == "greedy":
+        raise UsageError("--num-samples > 1 needs sampling or beam search: greedy search has one result")
+    fields = {"strategy": strategy, "max_new_tokens": args.max_new_tokens,
+              "repetition_penalty": args.repetition_penalty, "num_return_sequences": args.num_samples,
+              "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id}
+    if strategy == "sample":
+        fields |= SAMPLING_DEFAULTS | given
+    if strategy == "beam":
+        fields |= {"num_beams": args.beam_width, "length_penalty": 1.0 if args.length_penalty is None
+                   else args.length_penalty}
+    try:
+        return GenerationConfig(**fields)
+    except ValueError as err:  # name the flag rather than the config field
+        message = str(err)
+        for name in [*SAMPLING_ONLY, "max_new_tokens", "repetition_penalty", "num_return_sequences"]:
+            flag = {"num_return_sequences": "num_samples"}.get(name, name)
+            message = message.replace(name, f"--{flag.replace('_', '-')}")
+        message = message.replace("beam width (num_beams)", "--beam-width").replace("strategy='greedy'", "--greedy")
+        raise UsageError(message) from None
+
+
+def load(args: argparse.Namespace):
+    """(Loaded, device) for the checkpoint flags; UsageError for anything unreadable or unavailable."""
+    import torch
+
+    from xlab.checkpoint import load_checkpoint
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here (use --device cpu or auto)")
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    name = args.dtype if args.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    try:
+        loaded = load_checkpoint(args.checkpoint, device=device, tokenizer=args.tokenizer, dtype=dtype)
+    except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a ValueError
+        raise UsageError(str(err).strip().splitlines()[0] if str(err).strip() else repr(err)) from None
+    return loaded, device
+
+
+def reply(model, tokenizer, prompt: str, config, generator, out) -> None:
+    """Generate for one prompt and write the text to `out`: streamed for a single sequence."""
+    from xlab.generate import TextStreamer, generate, stream
+
+    ids = tokenizer.encode(prompt)
+    if config.strategy != "beam" and config.num_return_sequences == 1:
+        streamer = TextStreamer(tokenizer)
+        for token in stream(model, ids, config, generator):
+            out.write(streamer.push(token))
+            out.flush()
+        out.write(streamer.flush() + "\n")
+        out.flush()
+        return
+    [completions] = generate(model, [ids], config, generator)
+    for i, completion in enumerate(completions, 1):
+        if len(completions) > 1:
+            kind = "beam" if config.strategy == "beam" else "sample"
+            score = f" (score {completion.score:.4f})" if completion.score is not None else ""
+            out.write(f"--- {kind} {i}{score} ---\n")
+        out.write(tokenizer.decode(completion.tokens) + "\n")
+    out.flush()
+
+
+def interactive(model, tokenizer, config, generator) -> None:
+    """Read prompts from stdin, one per line, replying to each, until end of input."""
+    tty = sys.stdin.isatty()
+    if tty:
+        print("Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            if tty:
+                print(file=sys.stderr)
+            return
+        prompt = line.rstrip("\r\n")
+        if prompt.strip():
+            reply(model, tokenizer, prompt, config, generator, sys.stdout)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2: bad input, reported as one `error:` line)."""
+    showwarning, warnings.showwarning = warnings.showwarning, _warning_line
+    try:
+        return _run(build_parser().parse_args(argv))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    finally:
+        warnings.showwarning = showwarning
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    generation_config(args, _NoTokenizer())  # the flags, checked before the (slow) load
+    loaded, device = load(args)
+    config = generation_config(args, loaded.tokenizer)  # now with the tokenizer's special ids
+    import torch
+
+    generator = torch.Generator(device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+    if args.prompt is None:
+        interactive(loaded.model, loaded.tokenizer, config, generator)
+    else:
+        reply(loaded.model, loaded.tokenizer, args.prompt, config, generator, sys.stdout)
+    return 0
+
+
+class _NoTokenizer:
+    """Special ids for checking the flags before the checkpoint (and its tokenizer) is loaded."""
+
+    eos_id = bos_id = pad_id = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

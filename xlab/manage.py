@@ -1,0 +1,179 @@
+"""`manage.py`: maintenance commands on checkpoints (`manage.py COMMAND --help` for each).
+
+  export-checkpoint  training checkpoint -> folder: safetensors weights, architecture, tokenizer
+  export-hf          XLab checkpoint -> Hugging Face folder (GPT-2 or Llama architecture)
+  import-hf          Hugging Face GPT-2 / Llama folder -> XLab exported checkpoint
+  export-onnx        XLab checkpoint -> ONNX graph (optionally with a KV cache), run with onnxruntime
+  inspect            print what a checkpoint holds
+
+Outputs are written under a temporary name beside the target and renamed when complete: a failed
+or interrupted command leaves nothing behind, and an existing output is kept unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from xlab.checkpoint import EXPORT_META, CheckpointError, check_output, export_checkpoint, load_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return DTYPES[args.dtype] if getattr(args, "dtype", None) else None
+
+
+def _load(args: argparse.Namespace):
+    loaded = load_checkpoint(args.ckpt, tokenizer=getattr(args, "tokenizer", None))
+    loaded.meta["source"] = str(args.ckpt)
+    return loaded
+
+
+def cmd_export_checkpoint(args: argparse.Namespace) -> None:
+    """Weights (safetensors), architecture and tokenizer in one folder, without optimizer state."""
+    source = Path(args.ckpt)
+    output = Path(args.output) if args.output else source.with_suffix("")
+    check_output(output, args.force)  # before the (slow) load
+    export_checkpoint(_load(args), output, force=args.force, dtype=_dtype(args))
+    print(f"exported {source} -> {output}")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    """A Hugging Face folder that transformers' Auto classes load, for GPT-2- and Llama-shaped models."""
+    from xlab.hf import export_hf
+
+    check_output(args.output, args.force)
+    export_hf(_load(args), args.output, force=args.force, dtype=_dtype(args))
+    print(f"exported {args.ckpt} -> {args.output} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    """A local Hugging Face GPT-2 or Llama folder -> an XLab exported checkpoint folder."""
+    from xlab.hf import import_hf
+
+    import_hf(args.source, args.output, force=args.force, dtype=_dtype(args), pad_vocab_to=args.pad_vocab_to)
+    renamed = json.loads((Path(args.output) / EXPORT_META).read_text()).get("renamed_tokens") or {}
+    for old, new in renamed.items():
+        print(f"note: token {old!r} is named {new!r} in XLab (same id)")
+    print(f"imported {args.source} -> {args.output}")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    """An ONNX graph of the model (dynamic batch and sequence), optionally with past keys/values."""
+    from xlab.onnx import export_onnx
+
+    check_output(args.output, args.force)
+    export_onnx(_load(args), args.output, kv_cache=args.kv_cache, opset=args.opset, force=args.force)
+    print(f"exported {args.ckpt} -> {args.output}" + (" (with KV cache)" if args.kv_cache else ""))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def describe(path: str | Path) -> str:
+    """What `inspect` prints: architecture, parameters, training state, tokenizer, files."""
+    path = Path(path)
+    loaded = load_checkpoint(path)
+    model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
+    config = model.config
+    kind = "exported folder" if path.is_dir() else "training checkpoint"
+    lines = [f"{path} ({kind})", "architecture:"]
+    lines += [f"  {k}: {v}" for k, v in config.__dict__.items()]
+    lines += ["parameters:",
+              f"  total: {model.num_params():,}",
+              f"  without embeddings: {model.num_params(embeddings=False):,}"]
+    val_loss = meta.get("val_loss")
+    lines += ["training:",
+              f"  step: {meta.get('step', 'unknown')}",
+              f"  tokens seen: {meta['tokens_seen']:,}" if isinstance(meta.get("tokens_seen"), int)
+              else "  tokens seen: unknown",
+              f"  validation loss: {val_loss:.4f}" if isinstance(val_loss, float) else "  validation loss: unknown"]
+    if meta.get("imported_from"):
+        lines.append(f"  imported from: {meta['imported_from']} ({meta.get('source')})")
+    specials = {"eos": tok.eos_id, "bos": tok.bos_id, "pad": tok.pad_id}
+    lines += ["tokenizer:", f"  vocab size: {tok.vocab_size:,}",
+              "  special tokens: " + ", ".join(f"{role} {tok.hf.id_to_token(i)!r} = {i}"
+                                              for role, i in specials.items())]
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    lines.append("files:")
+    lines += [f"  {f.name}: {_size(f.stat().st_size)} ({f.stat().st_size:,} bytes)" for f in files]
+    if len(files) > 1:
+        total = sum(f.stat().st_size for f in files)
+        lines.append(f"  total: {_size(total)} ({total:,} bytes)")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """Architecture, parameter counts, training step, tokens seen, validation loss, tokenizer, file sizes."""
+    print(describe(args.ckpt))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manage.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, run, ckpt_help="training checkpoint (.ckpt) or exported folder"):
+        sub = commands.add_parser(name, help=run.__doc__, description=run.__doc__)
+        if ckpt_help:
+            sub.add_argument("ckpt", help=ckpt_help)
+        sub.set_defaults(run=run)
+        return sub
+
+    def output_options(sub, dtype=True):
+        if dtype:
+            sub.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+        sub.add_argument("--force", action="store_true", help="replace an existing output")
+
+    sub = command("export-checkpoint", cmd_export_checkpoint)
+    sub.add_argument("--output", help="output folder (default: the checkpoint's path without .ckpt)")
+    sub.add_argument("--tokenizer", help="tokenizer.json or folder, for a checkpoint that carries none")
+    output_options(sub)
+
+    sub = command("export-hf", cmd_export_hf)
+    sub.add_argument("output", help="Hugging Face folder to write")
+    sub.add_argument("--tokenizer", help="tokenizer.json or folder, for a checkpoint that carries none")
+    output_options(sub)
+
+    sub = command("import-hf", cmd_import_hf, ckpt_help=None)
+    sub.add_argument("source", help="local Hugging Face folder of a GPT-2 or Llama model (as save_pretrained writes)")
+    sub.add_argument("output", help="XLab exported checkpoint folder to write")
+    sub.add_argument("--pad-vocab-to", type=int, default=1,
+                     help="round the embedding rows up to a multiple (64 helps GPU matmuls; default 1)")
+    output_options(sub)
+    sub.description += (" A tokenizer whose end-of-sequence token is not <|endoftext|> (Llama's </s>) gets "
+                        "that token renamed to <|endoftext|>, and its beginning token to <|bos|>; ids are kept.")
+
+    sub = command("export-onnx", cmd_export_onnx)
+    sub.add_argument("output", help="ONNX file to write")
+    sub.add_argument("--kv-cache", action="store_true",
+                     help="inputs past_k/past_v and outputs present_k/present_v for incremental decoding")
+    sub.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    sub.add_argument("--tokenizer", help="tokenizer.json or folder, for a checkpoint that carries none")
+    output_options(sub, dtype=False)
+
+    command("inspect", cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CheckpointError, ValueError, OSError) as err:
+        # bad input (missing or corrupt files, unsupported architecture, existing output): one line
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing half-written was left behind)", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,218 @@
+"""The LightningModule: next-token training of `Transformer`, its metrics and its checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from xlab.checkpoint import load_checkpoint
+from xlab.generate import GenerationConfig, generate
+from xlab.optim import Schedule, param_groups
+from xlab.transformer import Transformer, TransformerConfig
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100  # targets at padding; cross-entropy and accuracy skip them
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: training stops and the last good checkpoint is kept."""
+
+
+@contextmanager
+def eager(model: torch.nn.Module):
+    """Run a `compile()`d module eagerly: generation changes shapes every step, which would
+    recompile the training graph again and again."""
+    compiled, model._compiled_call_impl = model._compiled_call_impl, None
+    try:
+        yield model
+    finally:
+        model._compiled_call_impl = compiled
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping IGNORE_INDEX."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class LanguageModel(L.LightningModule):
+    """Trains a `Transformer` on (inputs, targets) batches of token ids, each (B, T).
+
+    optimizer: any `torch.optim` class from YAML (`class_path` + `init_args`); by default AdamW
+    with `learning_rate`, `weight_decay`, `betas`, fused on CUDA. Weight decay applies to matrices
+    only (see `xlab.optim.param_groups`).
+    """
+
+    def __init__(self, arch: TransformerConfig = TransformerConfig(), learning_rate: float = 1e-3,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 decay_embeddings: bool = False, optimizer: OptimizerCallable | None = None,
+                 schedule: Schedule = Schedule(), compile: bool = False, init_from: str | None = None,
+                 sample_prompts: list[str] | None = None, sample_tokens: int = 64):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model = self.initial_model(arch, init_from)
+        self.loss_fn = next_token_loss
+        self.optimizer_factory = optimizer
+        self.schedule = schedule
+        self.tokens_seen = 0
+        vocab = self.model.config.vocab_size
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": metric for stage in ("val", "test") for name, metric in (
+                ("loss", MeanMetric()),
+                ("acc", MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)))})
+        self.train_acc = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
+
+    @staticmethod
+    def initial_model(arch: TransformerConfig, init_from: str | None) -> Transformer:
+        """A fresh model, or the weights of a checkpoint (full or exported) to fine-tune from;
+        the checkpoint's architecture wins, since its weights only fit that one."""
+        if init_from is None:
+            return Transformer(arch)
+        model = load_checkpoint(init_from).model.train()
+        if model.config != arch:
+            changed = {k: v for k, v in asdict(model.config).items() if asdict(arch)[k] != v}
+            log.warning("init_from %s: using its architecture, which differs from the config in %s",
+                        init_from, sorted(changed))
+        return model
+
+    def setup(self, stage: str) -> None:
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None and tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
+                             f"{self.model.config.vocab_size}: use the tokenizer the model was trained with")
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.model.compile()  # in place: parameter names, and so checkpoints, stay the same
+            # compiled, the loss reads the logits once instead of materialising a float32 copy
+            self.loss_fn = torch.compile(next_token_loss)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over non-ignored targets, the logits (B, T, V) and the number of targets."""
+        x, y = batch
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        return loss, logits, (y != IGNORE_INDEX).sum()
+
+    def training_step(self, batch, batch_idx):
+        loss, logits, count = self.step(batch)
+        logging_step = self.trainer._logger_connector.should_update_logs
+        # checking waits for the device, so on a GPU only at logging steps (and before every checkpoint)
+        if (loss.device.type == "cpu" or logging_step) and not torch.isfinite(loss):
+            self.stop_non_finite(f"loss is {loss.item()}")
+        self.tokens_seen += int(batch[0].numel()) * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        if logging_step:  # accuracy only when it is logged
+            self.train_acc(logits.detach().argmax(-1), batch[1])
+            self.log_dict({"train/perplexity": loss.detach().exp(), "train/accuracy": self.train_acc,
+                           "train/tokens_seen": float(self.tokens_seen)})
+        return loss
+
+    def evaluate(self, batch, stage: str) -> None:
+        loss, logits, count = self.step(batch)
+        self.metrics[f"{stage}_loss"].update(loss, weight=count)
+        self.metrics[f"{stage}_acc"].update(logits.argmax(-1), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.evaluate(batch, "test")
+
+    def log_evaluation(self, stage: str) -> None:
+        """Token-weighted loss over the whole evaluation (all ranks), its perplexity, and accuracy."""
+        loss = self.metrics[f"{stage}_loss"].compute()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log_dict({f"{stage}/perplexity": loss.exp(), f"{stage}/accuracy": self.metrics[f"{stage}_acc"].compute()})
+        self.metrics[f"{stage}_loss"].reset()
+        self.metrics[f"{stage}_acc"].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation("val")
+        if self.hparams.sample_prompts and not self.trainer.sanity_checking and self.global_rank == 0:
+            self.log_samples()
+
+    def log_samples(self) -> None:
+        """Continue the fixed `sample_prompts` (seeded sampling) and log them as TensorBoard text."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        prompts = [tokenizer.encode(p) for p in self.hparams.sample_prompts]
+        room = self.model.config.context - max(map(len, prompts))
+        config = GenerationConfig(strategy="sample", max_new_tokens=max(1, min(self.hparams.sample_tokens, room)),
+                                  temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
+        generator = torch.Generator(self.device).manual_seed(0)
+        with eager(self.model):
+            completions = generate(self.model, prompts, config, generator)
+        text = "\n\n".join(f"**{p!r}** → `{tokenizer.decode(c.tokens)!r}`"
+                             for p, [c] in zip(self.hparams.sample_prompts, completions))
+        for logger in self.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                logger.experiment.add_text("samples", text, self.global_step)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation("test")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.trainer._logger_connector.should_update_logs:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for fused optimizers even under bf16,
+        # which has no gradient scaler: the gradients are already unscaled, so clip them directly
+        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", 1) is None:
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        groups = param_groups(self.model, h.weight_decay, h.decay_embeddings)
+        if self.optimizer_factory is not None:
+            groups[0].pop("weight_decay")  # the decayed group takes the optimizer's own setting
+            optimizer = self.optimizer_factory(groups)
+        else:
+            # fused AdamW unscales inside its step, which float16's grad scaler cannot follow
+            fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
+            optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=h.betas, fused=fused)
+        total = self.schedule.total_steps or (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def stop_non_finite(self, what: str) -> None:
+        raise NonFiniteLoss(f"{what} at step {self.global_step}: stopping; the checkpoints written so far are "
+                            "kept (try a lower learning rate or gradient clipping)")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store what `xlab.checkpoint.load_checkpoint` needs to rebuild the model without Lightning.
+        Weights that are no longer finite are never saved."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self.stop_non_finite("weights are NaN or inf")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        best = getattr(self.trainer.checkpoint_callback, "best_model_score", None)
+        checkpoint["xlab"] = {
+            "arch": asdict(self.model.config),
+            "tokenizer": tokenizer.to_str() if tokenizer is not None else None,
+            "tokenizer_path": str(getattr(datamodule, "tokenizer_path", "")),
+            "data_fingerprint": datamodule.fingerprint() if datamodule is not None else None,
+            "step": self.global_step,
+            "tokens_seen": self.tokens_seen,
+            "val_loss": float(best) if best is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = checkpoint.get("xlab", {}).get("tokens_seen", 0)

@@ -1,0 +1,131 @@
+"""Byte-level BPE tokenizer: a thin layer over Hugging Face `tokenizers`.
+
+Every byte has a token, so any Unicode string encodes and decodes back exactly.
+This module reads and writes local files only; it never touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"  # end of document, GPT-2's name so its files work unchanged
+BOS = "<|bos|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, BOS, PAD]
+
+
+class Tokenizer:
+    """Encodes text to token ids and back. `bos_id` and `pad_id` fall back to `eos_id`
+    for tokenizers (such as GPT-2's) that only define an end-of-text token.
+
+    Text is always encoded as ordinary text: a document that happens to contain the string
+    "<|endoftext|>" gets the tokens of those characters, never the special id (as tiktoken's
+    `encode_ordinary`), so data cannot forge document boundaries. The pipeline inserts `eos_id` itself.
+    """
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self.hf = tokenizer
+        self.hf.encode_special_tokens = True  # special tokens' strings in text are plain text (see above)
+        self.eos_id = tokenizer.token_to_id(EOS)
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer has no end-of-document token {EOS!r}; add it as a special token")
+        self.bos_id = self._id_or(BOS, self.eos_id)
+        self.pad_id = self._id_or(PAD, self.eos_id)
+
+    def _id_or(self, token: str, default: int) -> int:
+        found = self.hf.token_to_id(token)
+        return default if found is None else found
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once, in parallel on Rust threads (the fast path: no character offsets)."""
+        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def sha256(self) -> str:
+        """Checksum of the tokenizer's full definition: caches of encoded tokens are only valid for it."""
+        return hashlib.sha256(self.to_str().encode()).hexdigest()
+
+    @classmethod
+    def train(cls, texts: Iterator[str], vocab_size: int, length: int | None = None,
+              show_progress: bool = True, special_tokens: list[str] | None = None) -> Tokenizer:
+        """Train byte-level BPE on texts; `length` (number of texts) sizes the progress bar.
+
+        The special tokens take the first ids, then the 256 bytes, then the merges.
+        """
+        special_tokens = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        if EOS not in special_tokens:
+            raise ValueError(f"special_tokens {special_tokens} must include the end-of-document token {EOS!r}")
+        minimum = 256 + len(special_tokens)
+        if vocab_size < minimum:
+            raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
+                             f"{minimum} (256 bytes + {len(special_tokens)} special tokens)")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=special_tokens, show_progress=show_progress,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer, length=length)
+        return cls(tok)
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> Tokenizer:
+        """GPT-2's `vocab.json` + `merges.txt`: ids equal tiktoken's `gpt2` encoding."""
+        try:
+            vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+            tok = HFTokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+        except Exception as err:  # tokenizers raises a bare Exception on bad files
+            raise ValueError(f"cannot read GPT-2 tokenizer files {vocab_json} and {merges_txt}: {err}") from None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json`, or a folder holding it or GPT-2's `vocab.json` + `merges.txt`."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                path = path / "tokenizer.json"
+            elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer not found at {path}: give a tokenizer.json file or a folder "
+                                    "with tokenizer.json, or with vocab.json and merges.txt")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"cannot read tokenizer {path}: {str(err).splitlines()[0]}") from None
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    @classmethod
+    def from_str(cls, text: str) -> Tokenizer:
+        return cls(HFTokenizer.from_str(text))
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json atomically (a temporary name, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{uuid.uuid4().hex[:12]}")  # unique even across nodes
+        self.hf.save(str(tmp))
+        os.replace(tmp, path)

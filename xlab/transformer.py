@@ -1,0 +1,399 @@
+"""A decoder-only transformer in plain PyTorch.
+
+One config dataclass expresses GPT-2, Llama and the variants between them: position
+encoding, norm type and placement, MLP activation, grouped-query attention, QK-norm,
+dropout, weight tying. `KVCache` holds preallocated keys and values for incremental
+decoding. Nothing here imports Lightning: the module can be lifted out on its own.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H query heads, G key/value heads,
+D head dimension, C model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture hyperparameters. `vocab_size` is normally set from the tokenizer."""
+
+    vocab_size: int = 4096
+    context: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: multi-head; 1: multi-query; else grouped-query
+    d_model: int = 256
+    d_ff: int | None = None  # None: 4 * d_model
+    position: Literal["none", "sinusoidal", "learned", "rope", "alibi"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    prenorm: bool = True
+    final_norm: bool = True
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
+    bias: bool = True
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    dropout_embed: float = 0.0
+    dropout_attn: float = 0.0
+    dropout_resid: float = 0.0
+    init_std: float = 0.02
+    pad_vocab_to: int = 1  # round the embedding rows up to a multiple (64 helps GPU matmuls)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.d_model % self.n_heads == 0,
+             f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"),
+            (self.n_heads % self.kv_heads == 0,
+             f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"),
+            (self.position != "rope" or self.head_dim % 2 == 0,
+             f"RoPE needs an even head dimension, got d_model/n_heads={self.head_dim}"),
+            (min(self.vocab_size, self.context, self.n_layers, self.pad_vocab_to) > 0,
+             "vocab_size, context, n_layers and pad_vocab_to must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid transformer config: {message}")
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads resolved (fields stay None so configs layered over defaults keep the meaning)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, G, max_len, D) each.
+
+    `length` counts the positions already written; all rows of the batch share it
+    (batched prompts of different lengths are left-padded and masked instead).
+    """
+
+    def __init__(self, config: TransformerConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = max_len or config.context
+        shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, G, T, D) after the cached positions; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search keeps the cache of each surviving beam)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """Head slopes of ALiBi (Press et al.), with the paper's rule for non-powers of two."""
+    def powers(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(closest)
+    if closest < n_heads:
+        slopes += powers(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes)
+
+
+def sinusoidal_table(length: int, dim: int) -> Tensor:
+    """(length, dim) sine/cosine position table of 'Attention is all you need'."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return table
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin (length, head_dim) for rotate-half RoPE, as in Llama."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, heads, T, D) by cos, sin broadcastable to it: each pair (x[i], x[i + D/2]) turns by its angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def make_norm(config: TransformerConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up from the fused (..., 2F) projection; (..., F) out.
+
+    Autograd's version keeps three (..., F) tensors for backward (gate, up, silu(gate)); this keeps
+    only the fused input, the same memory as two, and recomputes silu(gate) in backward: one cheap
+    elementwise pass for a third less MLP activation memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)  # written in place
+        return grad_h
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """silu(gate) * up for h (..., 2F) = [gate | up]; (..., F)."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _SwiGLU.apply(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        kv_dim = 2 * config.kv_heads * config.head_dim
+        self.qkv = nn.Linear(config.d_model, config.d_model + kv_dim, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.dropout = config.dropout_attn
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        rope: cos, sin broadcastable to (B, H, T, D); mask (B or 1, H or 1, T, S) added to the scores, or None
+        for plain causal attention.
+        """
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = (t.to(q.dtype) for t in rope)  # under autocast q is bf16 while the tables are fp32
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if (rope is not None or self.q_norm is not None) and torch.is_grad_enabled():
+            # q and k are new tensors now; a view v would keep the whole fused qkv output alive for backward
+            v = v.contiguous()
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        width = config.ff_dim * (2 if self.gated else 1)  # gate and up projections fused
+        self.up = nn.Linear(config.d_model, width, bias=config.bias)
+        self.down = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        # swiglu's SiLU is applied by `swiglu`, fused with the gating product
+        self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
+                    "relu": nn.ReLU(), "swiglu": nn.SiLU()}[config.mlp]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, T, C) -> (B, T, C)."""
+        if self.gated:
+            return self.down(swiglu(self.up(x)))
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.prenorm = config.prenorm
+        self.norm1 = make_norm(config, config.d_model)
+        self.attn = Attention(config, layer)
+        self.norm2 = make_norm(config, config.d_model)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout_resid)
+
+    def forward(self, x: Tensor, rope, mask, cache) -> Tensor:
+        if self.prenorm:
+            x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, rope, mask, cache)))
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: token ids (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.context, config.d_model) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout_embed)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config, config.d_model) if config.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.position == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(config.context, config.d_model), persistent=False)
+        if config.position == "rope":
+            cos, sin = rope_tables(config.context, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(config.n_heads), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, std), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
+            scale = 1 / math.sqrt(2 * self.config.n_layers) if residual else 1
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
+                key_mask: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) for token ids idx (B, T).
+
+        cache: when given, idx continues the cached sequence and its keys/values are appended.
+        positions (B, T): per-row positions, for left-padded batches; default offset + arange(T).
+        key_mask (B, S) bool: False marks padding keys that no query may attend to.
+        """
+        B, T = idx.shape
+        offset = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.context
+        if offset + T > limit:
+            what = "context" if cache is None else "cache length"
+            raise ValueError(f"sequence of {offset + T} tokens exceeds the {what} of {limit}; truncate the input")
+        # tables (learned, sinusoidal, rope) end at the context; ALiBi and no positions extrapolate freely
+        tabled = self.config.position in ("learned", "sinusoidal", "rope")
+        if positions is None:
+            # the common case: one (T,) row broadcast over the batch, and no device sync for the check
+            pos = torch.arange(offset, offset + T, device=idx.device)
+            last = offset + T - 1
+        else:
+            pos = positions
+            last = int(positions.max()) if tabled else 0
+        if tabled and last >= self.config.context:
+            raise ValueError(f"position {last} is beyond the context of {self.config.context} "
+                             f"({self.config.position} positions); truncate the input")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        elif self.config.position == "sinusoidal":
+            x = x + self.sinusoid[pos].to(x.dtype)
+        x = self.drop(x)
+        rope = None
+        if self.config.position == "rope":
+            # (T, D) -> (1, T, D) or (B, T, D) -> (B, 1, T, D): broadcast over the batch and heads
+            rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
+        if positions is None:
+            positions = pos.expand(B, T)
+        mask = self.attention_mask(positions, offset, key_mask, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x))
+        return logits[..., : self.config.vocab_size]
+
+    def attention_mask(self, positions: Tensor, offset: int, key_mask: Tensor | None, dtype) -> Tensor | None:
+        """Float mask (B, H or 1, T, S) added to attention scores, or None when plain causal SDPA will do."""
+        B, T = positions.shape
+        S = offset + T
+        if self.config.position != "alibi" and key_mask is None and (offset == 0 or T == 1):
+            return None  # SDPA's is_causal, or one new token that sees every cached key
+        device = positions.device
+        q_idx = torch.arange(offset, S, device=device)[:, None]
+        k_idx = torch.arange(S, device=device)[None, :]
+        allowed = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :S].bool()
+        mask = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+        if self.config.position == "alibi":
+            # bias = -slope * distance, measured in positions so left padding shifts nothing
+            if key_mask is None:
+                key_pos = k_idx.expand(B, S)
+            else:
+                key_pos = (key_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
+            query_pos = positions
+            distance = (query_pos[:, :, None] - key_pos[:, None, :]).to(dtype)  # (B, T, S)
+            mask = mask - self.alibi.to(dtype)[None, :, None, None] * distance[:, None]
+        # a fully masked row (a padding query) would give NaN; let it see itself instead
+        return mask.masked_fill(~allowed.any(-1, keepdim=True) & (k_idx == q_idx), 0.0)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count; without embeddings excludes the token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> dict[str, int]:
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·C·T for attention (PaLM's estimate).
+
+        N counts the parameters used in matrix products: every parameter but the position table
+        and, when untied, the input embedding (a lookup, not a product).
+        """
+        T = seq_len or self.config.context
+        n = sum(p.numel() for p in self.parameters())
+        n -= self.wpe.weight.numel() if self.wpe is not None else 0
+        n -= 0 if self.config.tie_embeddings else self.wte.weight.numel()
+        forward = 2 * n + 4 * self.config.n_layers * self.config.d_model * T
+        return {"forward": forward, "backward": 2 * forward, "total": 3 * forward}
