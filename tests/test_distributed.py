@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    single = tiny_args(tmp_path, steps=4, **{"data.batch_size": 8, "trainer.logger.init_args.save_dir": tmp_path / "one"})
+    single = tiny_args(tmp_path, steps=4,
+                       **{"data.batch_size": 8, "trainer.logger.init_args.save_dir": tmp_path / "one"})
     run_script("xlab.py", "fit", *single)
     double = tiny_args(tmp_path, steps=4, **DDP, **{"trainer.devices": 2, "data.batch_size": 4,
                                                     "trainer.logger.init_args.save_dir": tmp_path / "two"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from conftest import run_script, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,6 +28,18 @@ def test_fit_validate_test_export_infer(tmp_path):
     for stage, key in (("validate", "val/loss"), ("test", "test/loss")):
         assert key in run_script("xlab.py", stage, *args, f"--ckpt_path={ckpt}").stdout
 
+    # predict (the run after fit, validate and test): greedy continuations of the given prompts, each after an end-of-document token,
+    # against a reference loop of full forward passes
+    prompts = ["def ", "import os\n", "class A:"]
+    run_script("xlab.py", "predict", *args, f"--ckpt_path={ckpt}", f"--data.prompts={json.dumps(prompts)}",
+               "--model.generation.max_new_tokens=10")
+    rows = [json.loads(line) for line in (tmp_path / "logs/version_3/predictions.jsonl").read_text().splitlines()]
+    loaded = load_checkpoint(ckpt)
+    tok = loaded.tokenizer
+    expected = [tok.decode(greedy_reference(loaded.model, [tok.eos_id, *tok.encode(p)], 10, tok.eos_id))
+                for p in prompts]
+    assert rows == [{"prompt": p, "completions": [e]} for p, e in zip(prompts, expected, strict=True)]
+
     exported = tmp_path / "exported"
     run_script("manage.py", "export-checkpoint", ckpt, "--output", exported)
     meta = json.loads((exported / "xlab.json").read_text())
@@ -39,3 +52,15 @@ def test_fit_validate_test_export_infer(tmp_path):
     assert outputs[0] == outputs[1] and outputs[0].startswith("def ")
     model_tokens = load_checkpoint(exported).tokenizer.encode(outputs[0].strip())
     assert len(model_tokens) > 1
+
+
+@torch.no_grad()
+def greedy_reference(model, ids: list[int], n: int, eos_id: int) -> list[int]:
+    """Up to n argmax tokens, one full forward pass each, stopping before eos_id."""
+    new = []
+    for _ in range(n):
+        token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+        if token == eos_id:
+            break
+        new.append(token)
+    return new

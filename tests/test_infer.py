@@ -50,7 +50,7 @@ def test_greedy_output(export):
     path, model, tokenizer = export
     result = infer(path, "hello world", "--greedy", "--max-new-tokens", 25, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == greedy_text(model, tokenizer, "hello world", 25) + "\n"
+    assert result.stdout == "hello world" + greedy_text(model, tokenizer, "hello world", 25) + "\n"
 
 
 def test_interactive_mode_replies_to_each_line_until_eof(export):
@@ -70,7 +70,7 @@ def test_sampling_defaults_and_seed_and_beams_give_n_best(export):
     config = GenerationConfig(strategy="sample", max_new_tokens=15, temperature=0.8, top_k=50, top_p=0.9,
                               eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
     [[sampled]] = generate(model, [tokenizer.encode("the")], config, torch.Generator().manual_seed(3))
-    assert result.stdout == tokenizer.decode(sampled.tokens) + "\n"
+    assert result.stdout == "the" + tokenizer.decode(sampled.tokens) + "\n"
     beams = infer(path, "the", "--beam-width", 3, "--num-samples", 2, "--max-new-tokens", 8)
     assert beams.returncode == 0, beams.stderr
     assert [line.split(" (")[0] for line in beams.stdout.splitlines() if line.startswith("---")] == \

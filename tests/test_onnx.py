@@ -117,3 +117,17 @@ def test_opset_is_the_one_asked_for(tmp_path, tok):
     np.testing.assert_allclose(logits, expected[:, :8], rtol=0, atol=1e-4)
     logits, _, _ = kv.run(None, {"input_ids": ids[:, 8:].numpy(), "past_k": past_k, "past_v": past_v})
     np.testing.assert_allclose(logits, expected[:, 8:], rtol=0, atol=1e-4)
+
+
+def test_infer_backend_onnx_prints_what_infer_greedy_prints(tmp_path, tok):
+    from conftest import run_script
+
+    make_training_checkpoint(tmp_path / "run.ckpt", tiny_config("llama", tok.vocab_size), tok, seed=7)
+    main(["export-onnx", str(tmp_path / "run.ckpt"), str(tmp_path / "kv.onnx"), "--kv-cache"])
+    env = {"OMP_NUM_THREADS": "1"}
+    flags = ["def add(x", "--greedy", "--max-new-tokens", "15"]
+    torch_out = run_script("infer.py", tmp_path / "run.ckpt", *flags, "--device", "cpu", env=env).stdout
+    onnx_out = run_script("infer.py", tmp_path / "kv.onnx", *flags, env=env).stdout
+    assert onnx_out == torch_out and torch_out.startswith("def add(x")
+    refused = run_script("infer.py", tmp_path / "kv.onnx", "def", "--backend", "onnx", check=False, env=env)
+    assert refused.returncode == 2 and refused.stderr == "error: --backend onnx decodes greedily only: add --greedy\n"

@@ -1,7 +1,8 @@
-"""Training callbacks: throughput and MFU, and a checkpoint on SIGTERM (preemption)."""
+"""Callbacks: throughput and MFU, a checkpoint on SIGTERM (preemption), and the predictions file."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -72,3 +73,25 @@ class PreemptionCheckpoint(L.Callback):
         path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
         log.warning("SIGTERM received at step %d: saved %s", trainer.global_step, path)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """`predict` writes one JSON line per prompt, `{"prompt": str, "completions": [str]}`, to
+    `predictions.jsonl` in the run's log folder (rank r > 0 of a multi-process run: `predictions.rank{r}.jsonl`),
+    batch by batch, so a long run shows its progress in the file."""
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        name = "predictions.jsonl" if trainer.global_rank == 0 else f"predictions.rank{trainer.global_rank}.jsonl"
+        self.path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        log.warning("writing predictions to %s", self.path)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI, _get_short_description
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from xlab.callbacks import PreemptionCheckpoint, Throughput
+from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, Throughput
 from xlab.checkpoint import CheckpointError
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
@@ -45,6 +45,17 @@ class XLabCLI(LightningCLI):
         else:
             super()._run_subcommand(subcommand)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning applies all of a checkpoint's hyperparameters over the config. Only the architecture must
+        come from the checkpoint (its weights fit no other); the rest (generation, optimiser, schedule) stays
+        as the config and command line give it, so `predict --model.generation...` does what it says."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            if "arch" in hparams:
+                self.config = self.parser.parse_object({subcommand: {"model": {"arch": hparams["arch"]}}}, self.config)
+
     def add_arguments_to_parser(self, parser) -> None:
         # the tokenizer is trained to the data's vocabulary size and windows match the model's context
         # (a pretrained tokenizer brings its own size: the model's vocabulary is read from its file)
@@ -58,6 +69,8 @@ class XLabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(PreemptionCheckpoint())
+        if self.subcommand == "predict":
+            trainer.callbacks.append(PredictionWriter())
         check_hardware(trainer)
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("global_batch_size"):
@@ -90,6 +103,6 @@ def main(args: list[str] | None = None) -> None:
         XLabCLI(LanguageModel, XLabDataModule, args=args,
                 parser_kwargs={cmd: defaults for cmd in XLabCLI.subcommands()},
                 save_config_kwargs={"overwrite": True})
-    except (ValueError, FileNotFoundError, CheckpointError, MisconfigurationException, NonFiniteLoss) as err:
+    except (ValueError, OSError, CheckpointError, MisconfigurationException, NonFiniteLoss) as err:
         # configuration and input problems: one line that names the problem, no traceback
         sys.exit(f"error: {err}")

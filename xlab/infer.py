@@ -1,14 +1,17 @@
 """`./infer.py CKPT "PROMPT"`: generate text from a training checkpoint or an exported one.
 
-Sampling is the default (temperature 0.8, top-k 50); --greedy and --beam-width N pick the other
-strategies. Options that do not apply to the chosen strategy are an error. Without a prompt it
-reads prompts from stdin, one per line, and streams a reply to each until end of input (Ctrl-D).
+It prints the prompt followed by its continuation. Sampling is the default (temperature 0.8,
+top-k 50); --greedy and --beam-width N pick the other strategies. Options that do not apply to the
+chosen strategy are an error. Without a prompt it reads prompts from stdin, one per line, and
+streams a reply to each until end of input (Ctrl-D). A file from `manage.py export-onnx` runs
+greedily in onnxruntime (`--backend onnx`, the default for a .onnx path).
 Bad input gives one line `error: ...` on stderr and exit status 2.
 
     ./infer.py exports/model "Once upon a time" --max-new-tokens 100
     ./infer.py runs/last.ckpt "The" --greedy
     ./infer.py exports/model "The" --beam-width 4 --num-samples 3
     ./infer.py exports/model                        # interactive
+    ./infer.py model.onnx "The" --greedy
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     p = Parser(prog="infer.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("checkpoint", help="a training checkpoint (.ckpt) or an exported folder")
+    p.add_argument("checkpoint", help="a training checkpoint (.ckpt), an exported folder, or an .onnx file")
     p.add_argument("prompt", nargs="?", help="text to continue; without it, read prompts from stdin")
     p.add_argument("--max-new-tokens", type=int, default=128)
     strategy = p.add_argument_group("strategy (default: sampling)")
@@ -52,6 +55,8 @@ def build_parser() -> Parser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) replacing the checkpoint's own")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="onnx: run an exported ONNX file in onnxruntime, greedy only (auto: onnx for a .onnx path)")
     return p
 
 
@@ -112,13 +117,16 @@ def load(args: argparse.Namespace):
     return loaded, device
 
 
-def reply(model, tokenizer, prompt: str, config, generator, out) -> None:
-    """Generate for one prompt and write the text to `out`: streamed for a single sequence."""
+def reply(model, tokenizer, prompt: str, config, generator, out, echo: bool = False) -> None:
+    """Generate for one prompt and write the text to `out`: streamed for a single sequence.
+    echo: write the prompt before each continuation (the one-shot command line does; interactive does not)."""
     from xlab.generate import TextStreamer, generate, stream
 
     ids = tokenizer.encode(prompt)
+    head = prompt if echo else ""
     if config.strategy != "beam" and config.num_return_sequences == 1:
         streamer = TextStreamer(tokenizer)
+        out.write(head)
         for token in stream(model, ids, config, generator):
             out.write(streamer.push(token))
             out.flush()
@@ -131,7 +139,7 @@ def reply(model, tokenizer, prompt: str, config, generator, out) -> None:
             kind = "beam" if config.strategy == "beam" else "sample"
             score = f" (score {completion.score:.4f})" if completion.score is not None else ""
             out.write(f"--- {kind} {i}{score} ---\n")
-        out.write(tokenizer.decode(completion.tokens) + "\n")
+        out.write(head + tokenizer.decode(completion.tokens) + "\n")
     out.flush()
 
 
@@ -180,6 +188,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     generation_config(args, _NoTokenizer())  # the flags, checked before the (slow) load
+    if args.backend == "onnx" or (args.backend == "auto" and str(args.checkpoint).endswith(".onnx")):
+        return run_onnx(args)
     loaded, device = load(args)
     config = generation_config(args, loaded.tokenizer)  # now with the tokenizer's special ids
     import torch
@@ -192,7 +202,40 @@ def _run(args: argparse.Namespace) -> int:
     if args.prompt is None:
         interactive(loaded.model, loaded.tokenizer, config, generator)
     else:
-        reply(loaded.model, loaded.tokenizer, args.prompt, config, generator, sys.stdout)
+        reply(loaded.model, loaded.tokenizer, args.prompt, config, generator, sys.stdout, echo=True)
+    return 0
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    """Greedy decoding of an `export-onnx` file in onnxruntime, printed as the torch backend prints it."""
+    if not args.greedy:
+        raise UsageError("--backend onnx decodes greedily only: add --greedy")
+    if args.dtype not in ("auto", "fp32") or args.repetition_penalty != 1.0:
+        raise UsageError("--backend onnx runs the exported float32 graph as it is: drop --dtype and --repetition-penalty")
+    from xlab.checkpoint import CheckpointError
+    from xlab.onnx import OnnxGreedy
+    from xlab.tokenizer import Tokenizer
+
+    providers = ["CUDAExecutionProvider"] if args.device == "cuda" else None
+    try:
+        runner = OnnxGreedy(args.checkpoint, providers=providers)
+        tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else runner.tokenizer
+    except (CheckpointError, OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if tokenizer is None:
+        raise UsageError(f"{args.checkpoint} carries no tokenizer: pass one with --tokenizer")
+    eos_id = runner.eos_id if runner.eos_id is not None else tokenizer.eos_id
+    prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
+    for prompt in prompts:
+        if not prompt.strip():
+            continue
+        try:
+            tokens = runner.generate(tokenizer.encode(prompt), args.max_new_tokens, eos_id)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        tokens = [t for t in tokens if t != eos_id]
+        head = prompt if args.prompt is not None else ""
+        print(head + tokenizer.decode(tokens), flush=True)
     return 0
 
 

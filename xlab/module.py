@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -45,6 +45,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class LanguageModel(L.LightningModule):
     """Trains a `Transformer` on (inputs, targets) batches of token ids, each (B, T).
 
+    generation: how `predict` continues its prompts (eos/bos/pad ids come from the tokenizer).
     optimizer: any `torch.optim` class from YAML (`class_path` + `init_args`); by default AdamW
     with `learning_rate`, `weight_decay`, `betas`, fused on CUDA. Weight decay applies to matrices
     only (see `xlab.optim.param_groups`).
@@ -54,13 +55,15 @@ class LanguageModel(L.LightningModule):
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  decay_embeddings: bool = False, optimizer: OptimizerCallable | None = None,
                  schedule: Schedule = Schedule(), compile: bool = False, init_from: str | None = None,
-                 sample_prompts: list[str] | None = None, sample_tokens: int = 64):
+                 sample_prompts: list[str] | None = None, sample_tokens: int = 64,
+                 generation: GenerationConfig = GenerationConfig(strategy="greedy", max_new_tokens=64)):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = self.initial_model(arch, init_from)
         self.loss_fn = next_token_loss
         self.optimizer_factory = optimizer
         self.schedule = schedule
+        self.generation = generation
         self.tokens_seen = 0
         vocab = self.model.config.vocab_size
         self.metrics = torch.nn.ModuleDict({
@@ -76,8 +79,10 @@ class LanguageModel(L.LightningModule):
         if init_from is None:
             return Transformer(arch)
         model = load_checkpoint(init_from).model.train()
-        if model.config != arch:
-            changed = {k: v for k, v in asdict(model.config).items() if asdict(arch)[k] != v}
+        # compared as resolved (kv_heads, ff_dim), so that None and the value it stands for agree
+        ours, theirs = (asdict(c) | {"n_kv_heads": c.kv_heads, "d_ff": c.ff_dim} for c in (arch, model.config))
+        if ours != theirs:
+            changed = {k for k, v in theirs.items() if ours[k] != v}
             log.warning("init_from %s: using its architecture, which differs from the config in %s",
                         init_from, sorted(changed))
         return model
@@ -153,10 +158,24 @@ class LanguageModel(L.LightningModule):
         with eager(self.model):
             completions = generate(self.model, prompts, config, generator)
         text = "\n\n".join(f"**{p!r}** → `{tokenizer.decode(c.tokens)!r}`"
-                             for p, [c] in zip(self.hparams.sample_prompts, completions))
+                             for p, [c] in zip(self.hparams.sample_prompts, completions, strict=True))
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_text"):
                 logger.experiment.add_text("samples", text, self.global_step)
+
+    def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict]:
+        """Continue each prompt of a `{"text": [str], "ids": [LongTensor]}` batch: one dict per prompt with its
+        completions (a list: `generation.num_return_sequences` of them). Prompts start after an end-of-document
+        token, as every document but the first does in training. Sampling is seeded by the batch index."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        config = replace(self.generation, eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id,
+                         pad_id=tokenizer.pad_id)
+        prompts = [[tokenizer.eos_id, *ids.tolist()] for ids in batch["ids"]]
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        with eager(self.model):
+            completions = generate(self.model, prompts, config, generator)
+        return [{"prompt": text, "completions": [tokenizer.decode(c.tokens) for c in options]}
+                for text, options in zip(batch["text"], completions, strict=True)]
 
     def on_test_epoch_end(self) -> None:
         self.log_evaluation("test")
