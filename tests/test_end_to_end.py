@@ -28,8 +28,8 @@ def test_fit_validate_test_export_infer(tmp_path):
     for stage, key in (("validate", "val/loss"), ("test", "test/loss")):
         assert key in run_script("xlab.py", stage, *args, f"--ckpt_path={ckpt}").stdout
 
-    # predict (the run after fit, validate and test): greedy continuations of the given prompts, each after an end-of-document token,
-    # against a reference loop of full forward passes
+    # predict (the run after fit, validate and test): greedy continuations of the given prompts, each after
+    # an end-of-document token, against a reference loop of full forward passes
     prompts = ["def ", "import os\n", "class A:"]
     run_script("xlab.py", "predict", *args, f"--ckpt_path={ckpt}", f"--data.prompts={json.dumps(prompts)}",
                "--model.generation.max_new_tokens=10")

@@ -211,7 +211,8 @@ def run_onnx(args: argparse.Namespace) -> int:
     if not args.greedy:
         raise UsageError("--backend onnx decodes greedily only: add --greedy")
     if args.dtype not in ("auto", "fp32") or args.repetition_penalty != 1.0:
-        raise UsageError("--backend onnx runs the exported float32 graph as it is: drop --dtype and --repetition-penalty")
+        raise UsageError("--backend onnx runs the exported float32 graph as it is: "
+                         "drop --dtype and --repetition-penalty")
     from xlab.checkpoint import CheckpointError
     from xlab.onnx import OnnxGreedy
     from xlab.tokenizer import Tokenizer
