@@ -7,9 +7,11 @@ from the `tokenizers` library, offsets and statistics with numpy, split sizes by
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -375,6 +377,7 @@ def test_compute_stats_match_numpy(tmp_path, corpus, capsys):
     stats = dm.compute_stats()
     splits = split_documents(len(docs), dm.sizes, seed=dm.hparams.seed)
     all_ids = []
+    train = Counter(t for d in reference_ids(dm, [docs[i] for i in splits["train"]]) for t in d)
     for name in SPLITS:
         ids = [d[:-1] for d in reference_ids(dm, [docs[i] for i in splits[name]])]  # without end-of-document
         all_ids += ids
@@ -388,10 +391,15 @@ def test_compute_stats_match_numpy(tmp_path, corpus, capsys):
         assert row["doc_tokens_max"] == max(lengths)
         used = {t for d in ids for t in d} | {dm.tokenizer.eos_id}
         assert row["vocab_used"] == pytest.approx(len(used) / 300)
+        # the unigram baseline: each token (end-of-document included) costs -log p(token) under the train counts
+        tokens = [t for d in reference_ids(dm, [docs[i] for i in splits[name]]) for t in d]
+        total = sum(train.values()) + 300
+        expected = sum(-math.log((train[t] + 1) / total) for t in tokens) / len(tokens)
+        assert row["unigram_loss"] == pytest.approx(expected)
     assert stats["all"]["documents"] == len(docs) - 2 and stats["all"]["skipped_empty"] == 2
     assert stats["all"]["doc_tokens_p99"] == pytest.approx(np.percentile([len(d) for d in all_ids], 99))
     out = capsys.readouterr().out
-    assert "B/tok" in out and "vocab used" in out and "predict" in out
+    assert "B/tok" in out and "vocab used" in out and "unigram loss" in out and "predict" in out
     assert json.loads((dm.cache_dir / "stats.json").read_text())["train"]["documents"] == stats["train"]["documents"]
 
 

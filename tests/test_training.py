@@ -72,8 +72,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
     # the same run interrupted at step 3, then resumed from its last checkpoint up to step 6
     common["trainer.logger.init_args.save_dir"] = tmp_path / "b"
     run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=3, **common))
-    first = tmp_path / "b/version_0/checkpoints/last.ckpt"
-    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=6, **common), f"--ckpt_path={first}")
+    # "last": the newest run's last.ckpt (b/version_0), though this run logs to b/version_1
+    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=6, **common), "--ckpt_path=last")
     resumed = tmp_path / "b/version_1/checkpoints/last.ckpt"
     assert load_checkpoint(resumed).meta["step"] == 6
     a, b = weights(straight), weights(resumed)

@@ -51,6 +51,8 @@ class XLabCLI(LightningCLI):
         as the config and command line give it, so `predict --model.generation...` does what it says."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":  # each run logs to a new version folder: "last" means the newest run's
+            ckpt_path = self.config[subcommand].ckpt_path = str(latest_checkpoint(self.config[subcommand]))
         if ckpt_path and Path(ckpt_path).is_file():
             hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
             if "arch" in hparams:
@@ -77,6 +79,18 @@ class XLabCLI(LightningCLI):
             trainer.accumulate_grad_batches = accumulation_steps(
                 config.global_batch_size, config.data.batch_size, trainer.world_size)
         return trainer
+
+
+def latest_checkpoint(config) -> Path:
+    """The most recently written `last.ckpt` of the runs under the logger's folder (`logs/version_*/checkpoints`)."""
+    logger = config.trainer.get("logger")
+    save_dir = logger.get("init_args", {}).get("save_dir") if hasattr(logger, "get") else None
+    root = Path(save_dir or config.trainer.get("default_root_dir") or ".")
+    found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"--ckpt_path last: no run under {root}/ has a checkpoints/last.ckpt; "
+                                "pass a checkpoint's path instead")
+    return found[-1]
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:

@@ -225,30 +225,40 @@ def document_lengths(split: SplitTokens) -> np.ndarray:
     return np.diff(split.offsets.astype(np.int64)) - 1
 
 
-def used_ids(split: SplitTokens, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
-    """Which token ids occur in a split, read in chunks so memory stays flat."""
-    used = np.zeros(vocab_size, dtype=bool)
+def token_counts(split: SplitTokens, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """How often each token id occurs in a split (end-of-document tokens included), read in chunks so
+    memory stays flat."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(split.tokens), chunk):
-        used[np.unique(split.read(start, start + chunk))] = True
+        counts += np.bincount(split.read(start, start + chunk), minlength=vocab_size)
         split.release()
-    return used
+    return counts
 
 
-def stats_row(manifests: list[dict], lengths: np.ndarray, used: np.ndarray) -> dict:
-    """One line of compute_stats: sizes, bytes per token, document length percentiles, vocabulary used."""
+def unigram_loss(counts: np.ndarray, train_counts: np.ndarray) -> float:
+    """Cross-entropy (nats/token) of a split's tokens under the train split's unigram distribution
+    (add-one smoothed): the loss of a model that ignores context, which a trained model must beat."""
+    probs = (train_counts + 1) / (train_counts.sum() + len(train_counts))
+    return float(-(counts * np.log(probs)).sum() / max(1, counts.sum()))
+
+
+def stats_row(manifests: list[dict], lengths: np.ndarray, counts: np.ndarray, train_counts: np.ndarray) -> dict:
+    """One line of compute_stats: sizes, bytes per token, document length percentiles, vocabulary used,
+    unigram loss."""
     total = {k: sum(m[k] for m in manifests) for k in ("documents", "skipped_empty", "bytes", "tokens")}
     text_tokens = total["tokens"] - total["documents"]
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99]) if len(lengths) else (0, 0, 0)
     return {**total, "tokens": text_tokens, "bytes_per_token": total["bytes"] / text_tokens if text_tokens else 0.0,
             "doc_tokens_p50": float(p50), "doc_tokens_p90": float(p90), "doc_tokens_p99": float(p99),
-            "doc_tokens_max": int(lengths.max()) if len(lengths) else 0, "vocab_used": float(used.mean())}
+            "doc_tokens_max": int(lengths.max()) if len(lengths) else 0, "vocab_used": float((counts > 0).mean()),
+            "unigram_loss": unigram_loss(counts, train_counts)}
 
 
 def format_stats(stats: dict[str, dict]) -> str:
     columns = [("documents", "docs", "d"), ("skipped_empty", "empty", "d"), ("bytes", "bytes", "d"),
                ("tokens", "tokens", "d"), ("bytes_per_token", "B/tok", ".3f"), ("doc_tokens_p50", "p50", ".0f"),
                ("doc_tokens_p90", "p90", ".0f"), ("doc_tokens_p99", "p99", ".0f"), ("doc_tokens_max", "max", "d"),
-               ("vocab_used", "vocab used", ".1%")]
+               ("vocab_used", "vocab used", ".1%"), ("unigram_loss", "unigram loss", ".3f")]
     lines = [f"{'split':<8}" + "".join(f"{title:>13}" for _, title, _ in columns)]
     for name, row in stats.items():
         lines.append(f"{name:<8}" + "".join(f"{row[key]:>13{fmt}}" for key, _, fmt in columns))
@@ -420,16 +430,17 @@ class XLabDataModule(L.LightningDataModule):
                              self.fingerprint())
 
     def compute_stats(self) -> dict[str, dict]:
-        """Documents, bytes, tokens, bytes per token, document lengths and share of the vocabulary used,
-        per split; printed as a table and saved as stats.json in the cache folder."""
+        """Documents, bytes, tokens, bytes per token, document lengths, share of the vocabulary used and the
+        unigram loss (the baseline for val/loss), per split; printed as a table and saved as stats.json in the
+        cache folder."""
         self.prepare_data()
         self.setup()
         vocab = self.tokenizer.vocab_size
         lengths = {s: document_lengths(self.splits[s]) for s in SPLITS}
-        used = {s: used_ids(self.splits[s], vocab) for s in SPLITS}
-        stats = {s: stats_row([self.manifests[s]], lengths[s], used[s]) for s in SPLITS}
+        counts = {s: token_counts(self.splits[s], vocab) for s in SPLITS}
+        stats = {s: stats_row([self.manifests[s]], lengths[s], counts[s], counts["train"]) for s in SPLITS}
         stats["all"] = stats_row(list(self.manifests.values()), np.concatenate(list(lengths.values())),
-                                 np.logical_or.reduce(list(used.values())))
+                                 sum(counts.values()), counts["train"])
         print(f"{self.cache_dir} (tokenizer: {self.tokenizer_path}, {vocab} tokens)\n{format_stats(stats)}")
         write_json(self.cache_dir / "stats.json", stats)
         return stats
