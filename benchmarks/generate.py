@@ -9,6 +9,10 @@ greedy run checks that they produce the same tokens. Three cases, each generatin
 - sample_b8:  batch 8, sampling with temperature 0.8, top-k 50, top-p 0.9;
 - beam4_b1:   batch 1, beam search of width 4 (tokens/s counts the tokens of the best beam).
 
+With greedy_b1 also runs "bare": the XLab model's own forwards on the KV cache (a prefill, then one
+token at a time) with no generation logic, the floor for greedy decoding; `*_share_of_bare_forward`
+is greedy's speed over it (1.0: no overhead).
+
 XLab and HF runs alternate, in one process, so load from other processes hits both alike; the median
 of --repeats runs is reported. tokens/s = prompts x new tokens / wall time, prefill included.
 
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlab.convert import config_from_hf, state_dict_from_hf  # noqa: E402
 from xlab.generate import GenerationConfig, generate  # noqa: E402
-from xlab.transformer import Transformer  # noqa: E402
+from xlab.transformer import KVCache, Transformer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = {  # name: (batch, XLab config fields, HF generate kwargs)
@@ -99,10 +103,19 @@ def time_case(hf, xlab, case: str, args: argparse.Namespace) -> dict[str, float]
         return hf.generate(input_ids, attention_mask=attention_mask, max_new_tokens=args.new_tokens,
                            min_new_tokens=0, use_cache=True, **hf_kwargs)
 
-    times: dict[str, list[float]] = {"xlab": [], "hf": []}
+    def run_bare():
+        """The model alone on the KV cache, no generation logic: the floor under greedy_b1."""
+        cache = KVCache(xlab.config, 1, args.prompt + args.new_tokens, device=args.device,
+                        dtype=next(xlab.parameters()).dtype)
+        xlab(input_ids, cache)
+        for _ in range(args.new_tokens - 1):
+            xlab(input_ids[:, -1:], cache)
+
+    runners = [("xlab", run_xlab), ("hf", run_hf)] + ([("bare", run_bare)] if case == "greedy_b1" else [])
+    times: dict[str, list[float]] = {name: [] for name, _ in runners}
     with torch.inference_mode():
         for i in range(args.warmup + args.repeats):
-            for name, fn in (("xlab", run_xlab), ("hf", run_hf)):
+            for name, fn in runners:
                 sync(args.device)
                 start = time.perf_counter()
                 out = fn()
@@ -111,7 +124,7 @@ def time_case(hf, xlab, case: str, args: argparse.Namespace) -> dict[str, float]
                     times[name].append(time.perf_counter() - start)
                 if name == "xlab":
                     assert all(len(c.tokens) == args.new_tokens for r in out for c in r), "XLab stopped early"
-                else:
+                elif name == "hf":
                     assert out.shape[1] == args.prompt + args.new_tokens, "HF stopped early"
     return {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
 
@@ -166,6 +179,12 @@ def main() -> None:
             summary |= {f"{preset}_{case}_xlab_tokens_per_s": round(speed["xlab"], 1),
                         f"{preset}_{case}_hf_tokens_per_s": round(speed["hf"], 1),
                         f"{preset}_{case}_tokens_per_s_ratio": round(ratio, 3)}
+            if "bare" in speed:  # how close greedy gets to the model's own decoding speed
+                bare = speed["bare"]
+                print(f"{preset:<7}{'bare fwd':<11}{bare:>12.1f}{'':>12}{speed['xlab'] / bare:>9.2f}  "
+                      "(model forwards alone; last column: greedy_b1 XLab / this)")
+                summary |= {f"{preset}_bare_forward_tokens_per_s": round(bare, 1),
+                            f"{preset}_greedy_b1_share_of_bare_forward": round(speed["xlab"] / bare, 3)}
     print(json.dumps(summary))
 
 
