@@ -111,11 +111,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
     (["--model.arch.n_layerz=2"], "n_layerz"),
     (["-c", "conf/missing.yaml"], "missing.yaml"),
     (["--data.source=nowhere:else"], "nowhere:else"),
+    (["--model.arch.n_heads=x"], 'Parser key "model.arch.n_heads": Expected a <class \'int\'>. Got value: x'),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, args, message):
     result = run_script("xlab.py", "fit", *tiny_args(tmp_path), *args, check=False)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "usage:" not in result.stderr
 
 
 def test_validate_and_test_report_loss_perplexity_accuracy(tmp_path):

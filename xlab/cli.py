@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, _get_short_description
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -112,11 +113,15 @@ def check_hardware(trainer) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    defaults = {"default_config_files": [str(DEFAULTS)] if DEFAULTS.is_file() else []}
+    # parse errors raise instead of printing the whole usage (hundreds of lines) before the message
+    defaults = {"default_config_files": [str(DEFAULTS)] if DEFAULTS.is_file() else [], "exit_on_error": False}
     try:
         XLabCLI(LanguageModel, XLabDataModule, args=args,
-                parser_kwargs={cmd: defaults for cmd in XLabCLI.subcommands()},
+                parser_kwargs={"exit_on_error": False, **{cmd: defaults for cmd in XLabCLI.subcommands()}},
                 save_config_kwargs={"overwrite": True})
+    except ArgumentError as err:
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])  # key, then what is wrong
+        sys.exit(f"error: {detail} (see ./xlab.py SUBCOMMAND --help)")
     except (ValueError, OSError, CheckpointError, MisconfigurationException, NonFiniteLoss) as err:
         # configuration and input problems: one line that names the problem, no traceback
         sys.exit(f"error: {err}")
