@@ -467,3 +467,17 @@ def test_builtin_default_prepares_and_batches(tmp_path, monkeypatch):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 32) and torch.equal(x[:, 1:], y[:, :-1])
     assert str(dm.tokenizer_path).endswith("tokenizer.json") and dm.fingerprint().startswith("python-stdlib-")
+
+
+def test_prompts_file_one_per_line_or_json_lines(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("def f(\n\n  class A:\n")
+    assert xdata.read_prompts(text) == ["def f(", "  class A:"]  # blank lines skipped, spaces kept
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('"import os\\nimport sys"\n"x = 1"\n')
+    assert xdata.read_prompts(jsonl) == ["import os\nimport sys", "x = 1"]
+    jsonl.write_text('{"prompt": 1}\n')
+    with pytest.raises(ValueError, match="not a string"):
+        xdata.read_prompts(jsonl)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        xdata.read_prompts(tmp_path / "missing.txt")

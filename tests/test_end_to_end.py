@@ -31,7 +31,9 @@ def test_fit_validate_test_export_infer(tmp_path):
     # predict (the run after fit, validate and test): greedy continuations of the given prompts, each after
     # an end-of-document token, against a reference loop of full forward passes
     prompts = ["def ", "import os\n", "class A:"]
-    run_script("xlab.py", "predict", *args, f"--ckpt_path={ckpt}", f"--data.prompts={json.dumps(prompts)}",
+    prompts_file = tmp_path / "prompts.jsonl"  # a prompts file; JSON lines, since a prompt holds a newline
+    prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    run_script("xlab.py", "predict", *args, f"--ckpt_path={ckpt}", f"--data.prompts={prompts_file}",
                "--model.generation.max_new_tokens=10")
     rows = [json.loads(line) for line in (tmp_path / "logs/version_3/predictions.jsonl").read_text().splitlines()]
     loaded = load_checkpoint(ckpt)

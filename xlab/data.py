@@ -292,7 +292,7 @@ class XLabDataModule(L.LightningDataModule):
                  batch_size: int = 16,
                  num_workers: int = 0,
                  prompt_tokens: int = 32,
-                 prompts: list[str] | None = None,
+                 prompts: list[str] | str | None = None,
                  hf_datasets_cache: str | None = None):
         """
         Args:
@@ -315,7 +315,8 @@ class XLabDataModule(L.LightningDataModule):
             context: tokens per window (linked to the model's context by the CLI).
             batch_size, num_workers: of the DataLoaders.
             prompt_tokens: predict prompts are the first tokens of each predict-split document.
-            prompts: predict from these texts instead of the predict split.
+            prompts: predict from these texts instead of the predict split: a list, or the path of a text file
+                with one prompt per line (a JSON string per line in a .jsonl file, for prompts with newlines).
             hf_datasets_cache: the `datasets` cache for Hub downloads and Arrow files (default: HF's).
         """
         super().__init__()
@@ -521,7 +522,8 @@ class XLabDataModule(L.LightningDataModule):
         """`data.prompts` if given, else the first `prompt_tokens` tokens of each predict-split document."""
         h = self.hparams
         if h.prompts:
-            return Prompts(list(h.prompts), [self.tokenizer.encode(p) for p in h.prompts])
+            texts = read_prompts(Path(h.prompts)) if isinstance(h.prompts, str) else list(h.prompts)
+            return Prompts(texts, [self.tokenizer.encode(p) for p in texts])
         split = self.splits["predict"]
         ids = [split.document(d)[:-1][: h.prompt_tokens] for d in range(split.n_documents)]
         return Prompts([self.tokenizer.decode(i.tolist()) for i in ids], ids)
@@ -548,6 +550,21 @@ class XLabDataModule(L.LightningDataModule):
             return
         self.train_sampler.resume(state["epoch"], state["seen"])
         info("resuming epoch %d after %d training windows", state["epoch"], state["seen"])
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a file: one per line, or one JSON string per line in a .jsonl file; blank lines skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data.prompts: no such file {path} (give a file of prompts, one per line, or a list)")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        try:
+            lines = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data.prompts: {path} is not one JSON string per line ({err})") from None
+    if not lines or not all(isinstance(p, str) for p in lines):
+        raise ValueError(f"data.prompts: {path} holds no prompts, or a line that is not a string")
+    return lines
 
 
 def sample_texts(train: datasets.Dataset, budget: int | None, seed: int):
