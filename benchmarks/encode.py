@@ -6,7 +6,9 @@ On the built-in corpus (the Python standard library), with one tokenizer trained
 - xlab, N procs: `encode_split`, what `prepare_data` does for a split: read the documents from the
   memory-mapped Arrow dataset, encode (`Dataset.map`, batched, N processes), stream the ids into
   `{split}.bin` + `{split}.idx` and write the manifest;
-- xlab, 1 proc 1 thread, and raw 1 thread: one core, the unit from which a many-core machine is estimated.
+- xlab, 1 proc 1 thread, and raw 1 thread: one core, the unit from which a many-core machine is estimated;
+- raw, 2 procs: tokenization alone in 2 forked single-threaded processes, each with every other document:
+  the ceiling for the 2-process pipeline.
 Variants run interleaved, `--repeats` times each, keeping the best time (the machine may be shared).
 
     python benchmarks/encode.py                      # whole stdlib (~12 MB), 3 repeats
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -63,13 +66,20 @@ def main() -> None:
         def raw() -> None:
             tokenizer.encode_batch(texts)
 
+        def raw_2procs() -> None:
+            # tokenization alone split over 2 forked processes (as Dataset.map(num_proc=2) runs it): the
+            # ceiling for any 2-process pipeline, below raw's Rust threads, which balance work per document
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                pool.map(tokenizer.encode_batch, [texts[0::2], texts[1::2]])
+
         def xlab(procs: int):
             def run() -> None:
                 encode_split(docs, tokenizer, tmp, "train", procs, key=f"bench{procs}")
             return run
 
         variants = {"raw encode_batch": (raw, True), "xlab 1 proc": (xlab(1), True),
-                    "xlab 2 procs": (xlab(2), True), "raw encode_batch, 1 thread": (raw, False),
+                    "xlab 2 procs": (xlab(2), True), "raw, 2 procs": (raw_2procs, False),
+                    "raw encode_batch, 1 thread": (raw, False),
                     "xlab 1 proc, 1 thread": (xlab(1), False)}
         best = {name: float("inf") for name in variants}
         for _ in range(args.repeats):
@@ -85,7 +95,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, best of {args.repeats}")
     print(f"{'variant':<28}{'seconds':>10}{'MB/s':>10}{'vs raw':>10}")
     for name in variants:
-        reference = rate["raw encode_batch, 1 thread" if "1 thread" in name else "raw encode_batch"]
+        reference = rate["raw encode_batch, 1 thread" if "1 thread" in name or "raw, 2" in name else "raw encode_batch"]
         print(f"{name:<28}{best[name]:>10.2f}{rate[name]:>10.2f}{rate[name] / reference:>10.2f}")
     per_core = rate["xlab 1 proc, 1 thread"]
     hours = 20e9 / (16 * per_core * 1e6) / 3600
@@ -98,6 +108,8 @@ def main() -> None:
         "encode_1proc_vs_raw_ratio": round(rate["xlab 1 proc"] / rate["raw encode_batch"], 3),
         "encode_2proc_vs_raw_ratio": round(rate["xlab 2 procs"] / rate["raw encode_batch"], 3),
         "encode_1thread_vs_raw_1thread_ratio": round(per_core / rate["raw encode_batch, 1 thread"], 3),
+        "raw_2proc_mb_s": round(rate["raw, 2 procs"], 3),
+        "encode_2proc_vs_raw_2proc_ratio": round(rate["xlab 2 procs"] / rate["raw, 2 procs"], 3),
         "wikipedia_20gb_16core_hours_estimate": round(hours, 2),
     }))
 
