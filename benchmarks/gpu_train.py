@@ -120,6 +120,10 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     args = parser.parse_args()
+    if not torch.cuda.is_available():  # `make bench` runs every benchmark; this one has nothing to do on a CPU
+        print("benchmarks/gpu_train.py needs a CUDA GPU: skipped")
+        print(json.dumps({"skipped": "no CUDA GPU"}))
+        return
     torch.backends.cuda.matmul.allow_tf32 = True
     config = gpt2_shape(args.preset, args.context)
     flops_per_token = Transformer(config).flops_per_token()["total"]
