@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 import torch
 from conftest import run_script, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -25,8 +27,10 @@ def test_fit_validate_test_export_infer(tmp_path):
         assert tag in scalars, scalars
     assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
 
+    losses = {}
     for stage, key in (("validate", "val/loss"), ("test", "test/loss")):
-        assert key in run_script("xlab.py", stage, *args, f"--ckpt_path={ckpt}").stdout
+        out = run_script("xlab.py", stage, *args, f"--ckpt_path={ckpt}").stdout
+        losses[stage] = reported(out, key)
 
     # predict (the run after fit, validate and test): greedy continuations of the given prompts, each after
     # an end-of-document token, against a reference loop of full forward passes
@@ -48,6 +52,20 @@ def test_fit_validate_test_export_infer(tmp_path):
     assert meta["step"] == 6 and meta["arch"]["n_layers"] == 1
     assert ckpt.stat().st_size > 2.5 * (exported / "model.safetensors").stat().st_size  # no optimizer state
 
+    # the exported folder evaluates like the checkpoint it came from, and fit fine-tunes from it
+    out = run_script("xlab.py", "validate", *args, f"--ckpt_path={exported}").stdout
+    assert reported(out, "val/loss") == pytest.approx(losses["validate"], abs=1e-6)
+    tuned = tmp_path / "tuned"  # learning rate 0: the fine-tuned weights must still be the exported ones
+    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=2, **{"trainer.logger.init_args.save_dir": tuned}),
+               f"--model.init_from={exported}", "--model.learning_rate=0")
+    start = load_checkpoint(exported).model.state_dict()
+    after = load_checkpoint(tuned / "version_0/checkpoints/last.ckpt")
+    for name, value in start.items():
+        torch.testing.assert_close(after.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert after.meta["step"] == 2
+    refused = run_script("xlab.py", "fit", *args, f"--ckpt_path={exported}", check=False)
+    assert refused.returncode != 0 and "--model.init_from" in refused.stderr.strip().splitlines()[-1]
+
     # greedy decoding is deterministic: both checkpoint forms give the same continuation
     outputs = [run_script("infer.py", path, "def ", "--greedy", "--max-new-tokens", "12").stdout
                for path in (ckpt, exported)]
@@ -66,3 +84,8 @@ def greedy_reference(model, ids: list[int], n: int, eos_id: int) -> list[int]:
             break
         new.append(token)
     return new
+
+
+def reported(stdout: str, key: str) -> float:
+    """The value Lightning's results table prints for a metric."""
+    return float(re.search(re.escape(key) + r"\s*│\s*([-+0-9.eE]+)", stdout).group(1))

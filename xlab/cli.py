@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI, _get_short_description
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, Throughput
-from xlab.checkpoint import CheckpointError
+from xlab.checkpoint import CheckpointError, read_export_meta
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
 
@@ -54,10 +54,23 @@ class XLabCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path == "last":  # each run logs to a new version folder: "last" means the newest run's
             ckpt_path = self.config[subcommand].ckpt_path = str(latest_checkpoint(self.config[subcommand]))
-        if ckpt_path and Path(ckpt_path).is_file():
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        if ckpt_path and Path(ckpt_path).is_dir():
+            self.use_export(subcommand, Path(ckpt_path))
+        elif ckpt_path and Path(ckpt_path).is_file():
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters",
+                                                                                                   {})
             if "arch" in hparams:
                 self.config = self.parser.parse_object({subcommand: {"model": {"arch": hparams["arch"]}}}, self.config)
+
+    def use_export(self, subcommand: str, folder: Path) -> None:
+        """An exported checkpoint (a folder: weights, architecture, tokenizer) holds no training state for
+        Lightning to restore: evaluation loads its weights through `model.init_from` instead."""
+        if subcommand == "fit":
+            raise ValueError(f"{folder} is an exported checkpoint, without optimizer state to resume from: "
+                             f"fine-tune from it with --model.init_from={folder} instead of --ckpt_path")
+        arch = read_export_meta(folder)["arch"]
+        self.config = self.parser.parse_object(
+            {subcommand: {"ckpt_path": None, "model": {"arch": arch, "init_from": str(folder)}}}, self.config)
 
     def add_arguments_to_parser(self, parser) -> None:
         # the tokenizer is trained to the data's vocabulary size and windows match the model's context
