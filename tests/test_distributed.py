@@ -3,6 +3,7 @@ two-node launch on localhost (NODE_RANK 0 and 1) completes fit and validate."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -37,14 +38,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(weight, two.model.state_dict()[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_two_nodes_on_localhost_fit_and_validate(tmp_path):
+def test_two_nodes_on_localhost_fit_validate_predict(tmp_path):
     args = tiny_args(tmp_path, steps=2, **DDP, **{"trainer.devices": 1, "trainer.num_nodes": 2})
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    for command in (["fit"], ["validate", f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/last.ckpt"]):
+    ckpt = f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/last.ckpt"
+    predict = ["predict", ckpt, "--data.prompt_tokens=8", "--model.generation.max_new_tokens=4"]
+    for command in (["fit"], ["validate", ckpt], predict):
         nodes = [subprocess.Popen([sys.executable, str(ROOT / "xlab.py"), *command, *args], cwd=ROOT, text=True,
                                   env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT) for rank in (0, 1)]
         outputs = [node.communicate(timeout=300)[0] for node in nodes]
         assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
-    assert "val/loss" in outputs[0]
+        assert command[0] != "validate" or "val/loss" in outputs[0]
     assert (tmp_path / "logs/version_0/checkpoints/last.ckpt").is_file()
+    # each node wrote its share of the 8 predict-split prompts into the same run folder
+    rows = [json.loads(line) for name in ("predictions.jsonl", "predictions.rank1.jsonl")
+            for line in (tmp_path / "logs/version_2" / name).read_text().splitlines()]
+    assert len(rows) == 8 and all(len(row["completions"]) == 1 for row in rows)
