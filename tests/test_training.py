@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +131,20 @@ def test_validate_and_test_report_loss_perplexity_accuracy(tmp_path):
             assert f"{prefix}/{metric}" in out, out
     meta = load_checkpoint(ckpt).meta
     assert math.isfinite(meta["val_loss"]) and meta["tokens_seen"] == 4 * 4 * 32
+
+
+def test_progress_bar_hides_v_num_and_the_negative_epoch_count(tmp_path):
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from xlab.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    # max_epochs -1: what Lightning sets when fitting a run bounded by max_steps
+    trainer = L.Trainer(max_steps=5, max_epochs=-1, logger=TensorBoardLogger(tmp_path), callbacks=[bar],
+                        enable_model_summary=False)
+    bar.setup(trainer, None, "fit")
+    assert "/-2" in RichProgressBar._get_train_description(bar, 0)
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    assert "v_num" in RichProgressBar.get_metrics(bar, trainer, None)
+    assert "v_num" not in bar.get_metrics(trainer, None)

@@ -1,4 +1,4 @@
-"""Callbacks: throughput and MFU, a checkpoint on SIGTERM (preemption), and the predictions file."""
+"""Callbacks: throughput and MFU, a checkpoint on SIGTERM (preemption), the predictions file, the progress bar."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -95,3 +95,19 @@ class PredictionWriter(BasePredictionWriter):
                            dataloader_idx) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without the logger's version number (`v_num`), and "Epoch 0" rather than
+    "Epoch 0/-2" for runs bounded by max_steps (Lightning then sets max_epochs to -1)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        return description.replace(f"/{max_epochs - 1}", "") if max_epochs is not None and max_epochs < 0 \
+            else description

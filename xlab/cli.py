@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI, _get_short_description
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, Throughput
+from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
 from xlab.checkpoint import CheckpointError, read_export_meta
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
@@ -85,6 +86,9 @@ class XLabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(PreemptionCheckpoint())
+        if type(trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default bar: ours instead
+            bar = trainer.progress_bar_callback
+            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
         check_hardware(trainer)
