@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 50}
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
@@ -143,8 +144,8 @@ def reply(model, tokenizer, prompt: str, config, generator, out, echo: bool = Fa
     out.flush()
 
 
-def interactive(model, tokenizer, config, generator) -> None:
-    """Read prompts from stdin, one per line, replying to each, until end of input."""
+def interactive(respond: Callable[[str], None]) -> None:
+    """Read prompts from stdin, one per line, passing each to `respond`, until end of input."""
     tty = sys.stdin.isatty()
     if tty:
         print("Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
@@ -158,7 +159,7 @@ def interactive(model, tokenizer, config, generator) -> None:
             return
         prompt = line.rstrip("\r\n")
         if prompt.strip():
-            reply(model, tokenizer, prompt, config, generator, sys.stdout)
+            respond(prompt)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -188,8 +189,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     generation_config(args, _NoTokenizer())  # the flags, checked before the (slow) load
-    if args.backend == "onnx" or (args.backend == "auto" and str(args.checkpoint).endswith(".onnx")):
-        return run_onnx(args)
+    onnx = args.backend == "onnx" or (args.backend == "auto" and str(args.checkpoint).endswith(".onnx"))
+    respond = onnx_responder(args) if onnx else torch_responder(args)
+    if args.prompt is None:
+        interactive(respond)
+    else:
+        respond(args.prompt, echo=True)
+    return 0
+
+
+def torch_responder(args: argparse.Namespace) -> Callable[..., None]:
+    """`respond(prompt, echo=False)` writing what the loaded checkpoint generates for the flags."""
     loaded, device = load(args)
     config = generation_config(args, loaded.tokenizer)  # now with the tokenizer's special ids
     import torch
@@ -199,15 +209,13 @@ def _run(args: argparse.Namespace) -> int:
         generator.manual_seed(args.seed)
     else:
         generator.seed()
-    if args.prompt is None:
-        interactive(loaded.model, loaded.tokenizer, config, generator)
-    else:
-        reply(loaded.model, loaded.tokenizer, args.prompt, config, generator, sys.stdout, echo=True)
-    return 0
+    return lambda prompt, echo=False: reply(loaded.model, loaded.tokenizer, prompt, config, generator, sys.stdout,
+                                            echo)
 
 
-def run_onnx(args: argparse.Namespace) -> int:
-    """Greedy decoding of an `export-onnx` file in onnxruntime, printed as the torch backend prints it."""
+def onnx_responder(args: argparse.Namespace) -> Callable[..., None]:
+    """`respond(prompt, echo=False)` decoding an `export-onnx` file greedily in onnxruntime, written as the
+    torch backend writes it."""
     if not args.greedy:
         raise UsageError("--backend onnx decodes greedily only: add --greedy")
     if args.dtype not in ("auto", "fp32") or args.repetition_penalty != 1.0:
@@ -226,18 +234,15 @@ def run_onnx(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise UsageError(f"{args.checkpoint} carries no tokenizer: pass one with --tokenizer")
     eos_id = runner.eos_id if runner.eos_id is not None else tokenizer.eos_id
-    prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
-    for prompt in prompts:
-        if not prompt.strip():
-            continue
+
+    def respond(prompt: str, echo: bool = False) -> None:
         try:
             tokens = runner.generate(tokenizer.encode(prompt), args.max_new_tokens, eos_id)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        tokens = [t for t in tokens if t != eos_id]
-        head = prompt if args.prompt is not None else ""
-        print(head + tokenizer.decode(tokens), flush=True)
-    return 0
+        print((prompt if echo else "") + tokenizer.decode([t for t in tokens if t != eos_id]), flush=True)
+
+    return respond
 
 
 class _NoTokenizer:
