@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import run_script, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_export import greedy_reference
 
 from xlab.checkpoint import load_checkpoint
 
@@ -42,8 +43,8 @@ def test_fit_validate_test_export_infer(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "logs/version_3/predictions.jsonl").read_text().splitlines()]
     loaded = load_checkpoint(ckpt)
     tok = loaded.tokenizer
-    expected = [tok.decode(greedy_reference(loaded.model, [tok.eos_id, *tok.encode(p)], 10, tok.eos_id))
-                for p in prompts]
+    expected = [tok.decode(greedy_reference(loaded.model, [tok.eos_id, *tok.encode(p)], 10, tok.eos_id,
+                                            keep_eos=False)) for p in prompts]
     assert rows == [{"prompt": p, "completions": [e]} for p, e in zip(prompts, expected, strict=True)]
 
     exported = tmp_path / "exported"
@@ -72,18 +73,6 @@ def test_fit_validate_test_export_infer(tmp_path):
     assert outputs[0] == outputs[1] and outputs[0].startswith("def ")
     model_tokens = load_checkpoint(exported).tokenizer.encode(outputs[0].strip())
     assert len(model_tokens) > 1
-
-
-@torch.no_grad()
-def greedy_reference(model, ids: list[int], n: int, eos_id: int) -> list[int]:
-    """Up to n argmax tokens, one full forward pass each, stopping before eos_id."""
-    new = []
-    for _ in range(n):
-        token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
-        if token == eos_id:
-            break
-        new.append(token)
-    return new
 
 
 def reported(stdout: str, key: str) -> float:

@@ -85,13 +85,16 @@ def make_training_checkpoint(path: Path, config: TransformerConfig, tok: Tokeniz
     return model.eval()
 
 
-def greedy_reference(model, prompt: list[int], steps: int, eos_id: int) -> list[int]:
-    """Argmax over a full forward pass per token: no cache, nothing shared with generate.py, HF or ONNX."""
+def greedy_reference(model, prompt: list[int], steps: int, eos_id: int, keep_eos: bool = True) -> list[int]:
+    """Argmax over a full forward pass per token: no cache, nothing shared with generate.py, HF or ONNX.
+    Stops after eos_id, which ends the result unless keep_eos is False (as generate's completions)."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
             if ids[-1] == eos_id:
+                if not keep_eos:
+                    ids.pop()
                 break
     return ids[len(prompt):]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_script
+from test_export import greedy_reference
 
 from xlab.checkpoint import Loaded, export_checkpoint
 from xlab.generate import GenerationConfig, generate
@@ -28,17 +29,9 @@ def export(tmp_path_factory) -> tuple[Path, Transformer, Tokenizer]:
     return path, model, tokenizer
 
 
-@torch.no_grad()
 def greedy_text(model: Transformer, tokenizer: Tokenizer, prompt: str, n: int) -> str:
     """The reference: a full forward pass per token, no cache, stopping at end of document."""
-    seq = tokenizer.encode(prompt)
-    new = []
-    for _ in range(n):
-        token = int(model(torch.tensor([seq + new]))[0, -1].argmax())
-        if token == tokenizer.eos_id:
-            break
-        new.append(token)
-    return tokenizer.decode(new)
+    return tokenizer.decode(greedy_reference(model, tokenizer.encode(prompt), n, tokenizer.eos_id, keep_eos=False))
 
 
 def infer(*args, **kwargs):

@@ -8,7 +8,7 @@ import re
 
 import torch
 from conftest import ROOT
-from test_export import make_training_checkpoint, tiny_config, tiny_tokenizer
+from test_export import greedy_reference, make_training_checkpoint, tiny_config, tiny_tokenizer
 
 from xlab.checkpoint import export_checkpoint, load_checkpoint
 from xlab.generate import GenerationConfig, generate
@@ -47,13 +47,7 @@ def test_use_in_your_code_snippet_runs_on_full_and_exported_checkpoints(tmp_path
     lines = outputs[0].splitlines()
     assert len(lines) == 6 and [line.split()[0] for line in lines] == ["greedy"] * 2 + ["sample"] * 2 + ["beam"] * 2
     for prompt, line in zip(["def ", "import "], lines[:2], strict=True):
-        ids, new = tok.encode(prompt), []
-        with torch.no_grad():
-            for _ in range(40):
-                token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
-                if token == tok.eos_id:
-                    break
-                new.append(token)
+        new = greedy_reference(model, tok.encode(prompt), 40, tok.eos_id, keep_eos=False)
         assert line == f"greedy {tok.decode(new)!r}"
     # and the sampled lines follow the seed
     config = GenerationConfig(strategy="sample", temperature=0.8, top_p=0.95, max_new_tokens=40, eos_id=tok.eos_id,
