@@ -89,7 +89,7 @@ class PredictionWriter(BasePredictionWriter):
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
-        log.warning("writing predictions to %s", self.path)
+        log.info("writing predictions to %s", self.path)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
