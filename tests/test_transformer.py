@@ -3,7 +3,9 @@ the papers' formulas, PyTorch built-ins, and values worked out by hand."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from xlab.transformer import (
     MLP,
     KVCache,
+    Linear,
     Transformer,
     TransformerConfig,
     alibi_slopes,
@@ -429,3 +432,46 @@ def test_cache_overflow_raises_and_alibi_extrapolates():
     model(torch.zeros(1, 10, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="sequence of 13 tokens exceeds the cache length of 12"):
         model(torch.zeros(1, 3, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 3, 48), (2, 1, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_inference_matches_f_linear(shape, bias):
+    layer = Linear(48, 80, bias=bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # a second call reuses the converted weight
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_follows_weight_updates_and_trains_as_nn_linear():
+    torch.manual_seed(0)
+    layer, ref = Linear(16, 8), torch.nn.Linear(16, 8)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        layer(x)  # converts the weight
+    for module in (layer, ref):  # one SGD step on each: in-place weight updates
+        module(x).square().sum().backward()
+        torch.optim.SGD(module.parameters(), lr=0.1).step()
+    torch.testing.assert_close(layer.weight, ref.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)  # not the stale copy
+        layer.weight.copy_(torch.randn(8, 16))  # load_state_dict writes in place the same way
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # weights created in inference mode have no version counter
+        fresh = Linear(16, 8)
+        fresh(x)
+        fresh.weight.copy_(torch.randn(8, 16))
+        torch.testing.assert_close(fresh(x), F.linear(x, fresh.weight, fresh.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_model_copies_and_pickles_after_inference():
+    model = Transformer(tiny()).eval()
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        expected = model(idx)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(clone(idx), expected)

@@ -273,13 +273,18 @@ class _Decoder:
         """Beam selection: row i continues row index[i] (R,), a row of the same prompt.
 
         In place and only what changes: rows with index[i] == i keep their cache, and the positions
-        all rows of a prompt share (its prompt, unless the window slid) are not copied either.
+        all rows of a prompt share (its prompt, unless the window slid) are not copied either. A row
+        that is copied from must keep its own cache (as `_beam_slots` assigns them), so the copies
+        can run one row at a time, each a single pass over its slice of the cache.
         """
-        rows = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)
+        src = index.tolist()
+        rows = [i for i, j in enumerate(src) if i != j]
+        assert not {src[i] for i in rows} & set(rows), "a row copied from is itself overwritten"
         n, s = self.cache.length, self.shared
-        if len(rows) and n > s:
+        if n > s:
             for kv in (self.cache.k, self.cache.v):
-                kv[:, rows, :, s:n] = kv[:, index[rows], :, s:n]
+                for i in rows:
+                    kv[:, i, :, s:n].copy_(kv[:, src[i], :, s:n])
         self._select_rows(index)
 
     def _select_rows(self, index: Tensor) -> None:
@@ -426,16 +431,17 @@ def _beam_search(dec: _Decoder, config: GenerationConfig) -> list[list[Completio
 
         # candidates among the best K that end join the pool, unless the prompt is closed
         accept = ends[:, :K] & ~closed
-        scores = (top[:, :K] / length ** lp).masked_fill(~accept, neg_inf)
-        gen = dec.generated().view(B, K, -1)  # (B, K, step): the running beams' tokens so far
-        cand = torch.cat([gen.gather(1, beam[:, :K, None].expand(-1, -1, step)), tokens[:, :K, None]], dim=2)
-        keep = torch.cat([pool_score, scores], dim=1).topk(K, dim=1).indices  # (B, K) of 2K
-        pool_tokens[:, :, :length] = torch.cat([pool_tokens[:, :, :length], cand], 1).gather(
-            1, keep[:, :, None].expand(-1, -1, length))
-        pool_score = torch.cat([pool_score, scores], 1).gather(1, keep)
-        pool_logprob = torch.cat([pool_logprob, top[:, :K]], 1).gather(1, keep)
-        pool_len = torch.cat([pool_len, torch.full_like(pool_len, length)], 1).gather(1, keep)
-        pool_eos = torch.cat([pool_eos, is_eos[:, :K]], 1).gather(1, keep)
+        if last or bool(accept.any()):  # mostly none: skip the bookkeeping (a sync, as reorder's)
+            scores = (top[:, :K] / length ** lp).masked_fill(~accept, neg_inf)
+            gen = dec.generated().view(B, K, -1)  # (B, K, step): the running beams' tokens so far
+            cand = torch.cat([gen.gather(1, beam[:, :K, None].expand(-1, -1, step)), tokens[:, :K, None]], dim=2)
+            keep = torch.cat([pool_score, scores], dim=1).topk(K, dim=1).indices  # (B, K) of 2K
+            pool_tokens[:, :, :length] = torch.cat([pool_tokens[:, :, :length], cand], 1).gather(
+                1, keep[:, :, None].expand(-1, -1, length))
+            pool_score = torch.cat([pool_score, scores], 1).gather(1, keep)
+            pool_logprob = torch.cat([pool_logprob, top[:, :K]], 1).gather(1, keep)
+            pool_len = torch.cat([pool_len, torch.full_like(pool_len, length)], 1).gather(1, keep)
+            pool_eos = torch.cat([pool_eos, is_eos[:, :K]], 1).gather(1, keep)
         if last:
             break
 
