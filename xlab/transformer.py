@@ -12,6 +12,7 @@ D head dimension, C model width, V vocabulary.
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 from typing import Literal
 
@@ -196,7 +197,8 @@ class Linear(nn.Linear):
         return {**super().__getstate__(), "_onednn": None}  # copies and pickles rebuild it on first use
 
 
-ONEDNN = torch.backends.mkldnn.is_available() and all(
+# x86 only: measured there; elsewhere (ARM) PyTorch's own BLAS choice is kept
+ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() and all(
     hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))
 
 
