@@ -446,6 +446,27 @@ def test_linear_inference_matches_f_linear(shape, bias):
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grads", ["all", "weights only", "input only"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gradients_match_nn_linear(grads, bias):
+    torch.manual_seed(0)
+    layer, ref = Linear(48, 80, bias=bias), torch.nn.Linear(48, 80, bias=bias)
+    ref.load_state_dict(layer.state_dict())
+    if grads == "input only":
+        layer.requires_grad_(False), ref.requires_grad_(False)
+    x = torch.randn(2, 5, 48, requires_grad=grads != "weights only")
+    x_ref = x.detach().clone().requires_grad_(x.requires_grad)
+    out, out_ref = layer(x), ref(x_ref)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(2, 5, 80)
+    out.backward(upstream), out_ref.backward(upstream)
+    for ours, theirs in [(x, x_ref), *zip(layer.parameters(), ref.parameters(), strict=True)]:
+        if theirs.requires_grad:
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+        else:
+            assert ours.grad is None
+
+
 def test_linear_follows_weight_updates_and_trains_as_nn_linear():
     torch.manual_seed(0)
     layer, ref = Linear(16, 8), torch.nn.Linear(16, 8)

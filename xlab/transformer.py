@@ -158,15 +158,49 @@ def make_norm(config: TransformerConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
 
 
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ weight.T + bias; weight (out, in) in oneDNN's blocked layout (`_reorder_linear_weight`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    """A training linear layer with its forward and input gradient on oneDNN.
+
+    The weight gradient, a product summed over every row of the batch, stays on PyTorch's matmul: oneDNN
+    is no faster there. The weight is laid out afresh each step, as the optimizer changes it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, torch.ops.mkldnn._reorder_linear_weight(weight), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # grad (..., out) @ weight (out, in): a linear layer of weight.T
+            grad_x = _onednn_linear(grad, torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous()), None)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose CPU inference forward multiplies by a oneDNN copy of its weight.
+    """nn.Linear that multiplies on oneDNN on the CPU.
 
     PyTorch's fp32 CPU matmul goes through MKL, which runs a generic code path on non-Intel CPUs: on the
-    AMD EPYC our CI runs on, oneDNN computes the same product about 2x faster at every row count
-    (benchmarks/linear.py), and token-by-token decoding is mostly these products. The copy is made on first
-    use and again whenever the weight changes (an optimizer step bumps its version), so it costs one more
-    copy of the weights in memory. Whenever autograd, autocast, tracing or compiling is on, off the CPU, or
-    for a weight created in inference mode, this is plain nn.Linear.
+    AMD EPYC our CI runs on, oneDNN computes the same product 1.7-4x faster at every row count
+    (benchmarks/linear.py). With autograd off (decoding, validation) the weight is laid out for oneDNN
+    once and kept until it changes (an optimizer step bumps its version): one more copy of the weights in
+    memory. In training, `_OneDNNLinearFn` runs the forward and the input gradient. Under autocast,
+    tracing, compiling or export, off the CPU, or for a weight created in inference mode, this is plain
+    nn.Linear.
     """
 
     _onednn: tuple[tuple, Tensor] | None = None  # (weight identity, oneDNN copy)
@@ -175,13 +209,14 @@ class Linear(nn.Linear):
         """x (..., in) -> (..., out)."""
         if not self._onednn_applies(x):
             return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(), self.bias, "none", [], "")
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+        return _onednn_linear(x, self._onednn_weight(), self.bias)
 
     def _onednn_applies(self, x: Tensor) -> bool:
         # a weight made in inference mode has no version counter to tell when it changes: not cached
         return (ONEDNN and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not self.weight.is_inference()
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and not self.weight.is_inference() and not torch.is_autocast_enabled("cpu")
                 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
                 and not torch.onnx.is_in_onnx_export())
 
