@@ -431,7 +431,7 @@ def _beam_search(dec: _Decoder, config: GenerationConfig) -> list[list[Completio
 
         # candidates among the best K that end join the pool, unless the prompt is closed
         accept = ends[:, :K] & ~closed
-        if last or bool(accept.any()):  # mostly none: skip the bookkeeping (a sync, as reorder's)
+        if bool(accept.any()):  # mostly none before the last step: skip the bookkeeping (a sync, as reorder's)
             scores = (top[:, :K] / length ** lp).masked_fill(~accept, neg_inf)
             gen = dec.generated().view(B, K, -1)  # (B, K, step): the running beams' tokens so far
             cand = torch.cat([gen.gather(1, beam[:, :K, None].expand(-1, -1, step)), tokens[:, :K, None]], dim=2)
