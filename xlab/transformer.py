@@ -158,8 +158,13 @@ def make_norm(config: TransformerConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
 
 
+def _onednn_layout(weight: Tensor) -> Tensor:
+    """A copy of weight (out, in) in oneDNN's blocked layout: about 2x faster than the plain one for 2+ rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (..., in) @ weight.T + bias; weight (out, in) in oneDNN's blocked layout (`_reorder_linear_weight`)."""
+    """x (..., in) @ weight.T + bias; weight (out, in) from `_onednn_layout`."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -174,7 +179,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, torch.ops.mkldnn._reorder_linear_weight(weight), bias)
+        return _onednn_linear(x, _onednn_layout(weight), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -182,7 +187,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # grad (..., out) @ weight (out, in): a linear layer of weight.T
-            grad_x = _onednn_linear(grad, torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous()), None)
+            grad_x = _onednn_linear(grad, _onednn_layout(weight.t().contiguous()), None)
         rows = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
@@ -224,8 +229,7 @@ class Linear(nn.Linear):
         w = self.weight
         key = (w.data_ptr(), w._version)
         if self._onednn is None or self._onednn[0] != key:
-            # oneDNN's blocked layout: about 2x faster again than the plain one for 2+ rows
-            self._onednn = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+            self._onednn = (key, _onednn_layout(w.detach()))
         return self._onednn[1]
 
     def __getstate__(self) -> dict:
