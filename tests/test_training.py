@@ -148,3 +148,29 @@ def test_progress_bar_hides_v_num_and_the_negative_epoch_count(tmp_path):
     assert bar._get_train_description(0).strip() == "Epoch 0"
     assert "v_num" in RichProgressBar.get_metrics(bar, trainer, None)
     assert "v_num" not in bar.get_metrics(trainer, None)
+
+
+def test_python_api_checkpoint_loads_without_unpickling(tmp_path):
+    """A run made with Lightning's Python API, no CLI: every loader reads its checkpoint (weights_only), and
+    Lightning's own load_from_checkpoint rebuilds the same dataclasses."""
+    from xlab.data import XLabDataModule
+    from xlab.generate import GenerationConfig
+
+    torch.manual_seed(0)
+    arch = TransformerConfig(vocab_size=300, context=32, n_layers=1, n_heads=2, d_model=32)
+    schedule, generation = Schedule(warmup_steps=1), GenerationConfig(strategy="sample", top_k=5)
+    module = LanguageModel(arch, schedule=schedule, generation=generation)
+    data = XLabDataModule(max_documents=40, vocab_size=300, data_dir=str(tmp_path / "data"), context=32, batch_size=4)
+    trainer = L.Trainer(max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    ckpt = trainer.checkpoint_callback.best_model_path
+    loaded = load_checkpoint(ckpt)
+    assert loaded.model.config == arch and loaded.meta["step"] == 2
+    for name, value in module.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    out = run_script("infer.py", ckpt, "def ", "--greedy", "--max-new-tokens", 3, env={"OMP_NUM_THREADS": "1"}).stdout
+    assert out.startswith("def ")
+    assert "32" in run_script("manage.py", "inspect", ckpt).stdout  # d_model / context of the architecture
+    again = LanguageModel.load_from_checkpoint(ckpt)
+    assert (again.model.config, again.schedule, again.generation) == (arch, schedule, generation)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, is_dataclass, replace
 
 import lightning as L
 import torch
@@ -59,6 +59,12 @@ class LanguageModel(L.LightningModule):
                  generation: GenerationConfig = GenerationConfig(strategy="greedy", max_new_tokens=64)):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
+        if "_instantiator" not in self.hparams:
+            # built in Python, not by the CLI: store the dataclasses as the plain dicts the CLI stores (a pickled
+            # dataclass fails weights_only loading) and name the CLI's instantiator, which load_from_checkpoint
+            # uses to turn them back into dataclasses
+            self.hparams.update({k: asdict(v) for k, v in self.hparams.items() if is_dataclass(v)},
+                                _instantiator="lightning.pytorch.cli.instantiate_module")
         self.model = self.initial_model(arch, init_from)
         self.loss_fn = next_token_loss
         self.optimizer_factory = optimizer
