@@ -174,3 +174,26 @@ def test_python_api_checkpoint_loads_without_unpickling(tmp_path):
     assert "32" in run_script("manage.py", "inspect", ckpt).stdout  # d_model / context of the architecture
     again = LanguageModel.load_from_checkpoint(ckpt)
     assert (again.model.config, again.schedule, again.generation) == (arch, schedule, generation)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "foreign"])
+def test_evaluating_an_unreadable_checkpoint_is_one_line(tmp_path, damage):
+    from test_export import make_training_checkpoint, tiny_config, tiny_tokenizer
+
+    from xlab.cli import main
+
+    ckpt = tmp_path / "bad.ckpt"
+    if damage == "text":
+        ckpt = ROOT / "README.md"
+    else:
+        make_training_checkpoint(ckpt, tiny_config(), tiny_tokenizer())
+        if damage == "truncated":
+            ckpt.write_bytes(ckpt.read_bytes()[:5000])
+        else:  # a Lightning checkpoint of some other model
+            torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "hyper_parameters": {}}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", *tiny_args(tmp_path), f"--ckpt_path={ckpt}"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and str(ckpt) in message and "\n" not in message, message
+    assert ckpt.read_bytes() == before and not (tmp_path / "data").exists()  # nothing touched, nothing prepared

@@ -51,14 +51,20 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def read_training_checkpoint(path: Path) -> dict:
-    """The `xlab` entry and the model's weights of a Lightning checkpoint (pickle-free load)."""
+def read_checkpoint_file(path: Path) -> dict:
+    """The whole dict of an XLab Lightning checkpoint, loaded pickle-free with tensors memory-mapped."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, foreign pickle globals, not a torch file at all
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
     if not isinstance(ckpt, dict) or "xlab" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not an XLab training checkpoint (no 'xlab' entry)")
+    return ckpt
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """The `xlab` entry and the model's weights of a Lightning checkpoint (pickle-free load)."""
+    ckpt = read_checkpoint_file(path)
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     return {**ckpt["xlab"], "weights": weights}
 

@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI, _get_short_description
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
-from xlab.checkpoint import CheckpointError, read_export_meta
+from xlab.checkpoint import CheckpointError, read_checkpoint_file, read_export_meta
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
 
@@ -58,8 +58,7 @@ class XLabCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_dir():
             self.use_export(subcommand, Path(ckpt_path))
         elif ckpt_path and Path(ckpt_path).is_file():
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters",
-                                                                                                   {})
+            hparams = read_checkpoint_file(Path(ckpt_path)).get("hyper_parameters", {})
             if "arch" in hparams:
                 self.config = self.parser.parse_object({subcommand: {"model": {"arch": hparams["arch"]}}}, self.config)
 
