@@ -197,3 +197,25 @@ def test_evaluating_an_unreadable_checkpoint_is_one_line(tmp_path, damage):
     message = str(exit_.value.code)
     assert message.startswith("error: ") and str(ckpt) in message and "\n" not in message, message
     assert ckpt.read_bytes() == before and not (tmp_path / "data").exists()  # nothing touched, nothing prepared
+
+
+@pytest.mark.parametrize("flags, lr, decay, momentum", [
+    ([], 0.02, 0.3, None),  # AdamW, the default
+    (["--model.optimizer=torch.optim.SGD"], 0.02, 0.3, 0.0),
+    (["--model.optimizer=torch.optim.SGD", "--model.optimizer.momentum=0.9"], 0.02, 0.3, 0.9),  # the README's
+    (["--model.optimizer=torch.optim.SGD", "--model.optimizer.init_args.lr=0.5",
+      "--model.optimizer.init_args.weight_decay=0.01"], 0.5, 0.01, 0.0),  # the optimizer's own settings win
+])
+def test_any_optimizer_takes_the_models_learning_rate_and_weight_decay(tmp_path, flags, lr, decay, momentum):
+    from xlab.cli import DEFAULTS, XLabCLI
+    from xlab.data import XLabDataModule
+
+    args = tiny_args(tmp_path, **{"model.learning_rate": 0.02, "model.weight_decay": 0.3}) + flags
+    cli = XLabCLI(LanguageModel, XLabDataModule, args=args, run=False,
+                  parser_kwargs={"default_config_files": [str(DEFAULTS)]})
+    cli.model.trainer = cli.trainer
+    config = cli.model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert scheduler.base_lrs == [lr, lr]  # the schedule multiplies these
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [decay, 0.0]  # matrices only
+    assert optimizer.param_groups[0].get("momentum") == momentum

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass, replace
@@ -208,6 +209,13 @@ class LanguageModel(L.LightningModule):
         if self.optimizer_factory is not None:
             groups[0].pop("weight_decay")  # the decayed group takes the optimizer's own setting
             optimizer = self.optimizer_factory(groups)
+            # an lr or weight_decay still at the optimizer's default was not set by its init_args: ours then
+            own = inspect.signature(type(optimizer)).parameters
+            for key, value, targets in (("lr", h.learning_rate, optimizer.param_groups),
+                                        ("weight_decay", h.weight_decay, optimizer.param_groups[:1])):
+                if key in own and optimizer.defaults.get(key) == own[key].default:
+                    for group in targets:
+                        group[key] = value
         else:
             # fused AdamW unscales inside its step, which float16's grad scaler cannot follow
             fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
