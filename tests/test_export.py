@@ -211,3 +211,25 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path, tok):
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("record", ["no entry", "no weights hash", "no tokenizer hash", "not a mapping"])
+def test_an_export_without_its_hashes_is_refused(ckpt, tmp_path, record):
+    path, _ = ckpt
+    out = tmp_path / "exported"
+    main(["export-checkpoint", str(path), "--output", str(out)])
+    meta = json.loads((out / "xlab.json").read_text())
+    hashes = meta.pop("sha256")
+    if record == "no weights hash":
+        meta["sha256"] = {"tokenizer.json": hashes["tokenizer.json"]}
+    elif record == "no tokenizer hash":
+        meta["sha256"] = {"model.safetensors": hashes["model.safetensors"]}
+    elif record == "not a mapping":
+        meta["sha256"] = hashes["model.safetensors"]
+    (out / "xlab.json").write_text(json.dumps(meta))
+    weights = bytearray((out / "model.safetensors").read_bytes())
+    weights[-10] ^= 0x01  # a modified weight the missing hash would have caught
+    (out / "model.safetensors").write_bytes(bytes(weights))
+    missing = "tokenizer.json" if record == "no tokenizer hash" else "model.safetensors"
+    with pytest.raises(CheckpointError, match=f"records no SHA-256 for {missing}"):
+        load_checkpoint(out)

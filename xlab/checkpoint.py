@@ -97,9 +97,16 @@ def verify_export(path: Path, meta: dict) -> None:
     """Check every file against the SHA-256 recorded in xlab.json at export time.
 
     A mismatch means the file was truncated, corrupted or edited after the export; loading it
-    anyway could give a model that silently computes something else.
+    anyway could give a model that silently computes something else. So could a file with no recorded hash.
     """
-    for name, expected in meta.get("sha256", {}).items():
+    recorded = meta.get("sha256")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    read = [EXPORT_WEIGHTS] + ([EXPORT_TOKENIZER] if (path / EXPORT_TOKENIZER).is_file() else [])
+    unrecorded = [name for name in read if name not in recorded]
+    if unrecorded:
+        raise CheckpointError(f"{path / EXPORT_META} records no SHA-256 for {', '.join(unrecorded)}, so its content "
+                              "cannot be checked (the file was edited or written by another tool): export it again")
+    for name, expected in recorded.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path} is incomplete: {name} is missing")
