@@ -132,3 +132,18 @@ def test_bad_inputs_are_clear_one_line_errors(tmp_path):
         with pytest.raises(kind, match=message) as err:
             load_source(src)
         assert "\n" not in str(err.value), err.value
+
+
+def test_max_documents_counts_documents_after_a_delimiter_split(tmp_path):
+    (tmp_path / "joined").mkdir()
+    (tmp_path / "joined/1.txt").write_text("a0|a1|a2")
+    (tmp_path / "joined/2.txt").write_text("a3|a4")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"b{i}"}) + "\n" for i in range(2)))
+    (tmp_path / "c.txt").write_text("c0|c1|c2")
+    joined, b, c = Source(str(tmp_path / "joined"), delimiter="|"), str(tmp_path / "b.jsonl"), Source(
+        str(tmp_path / "c.txt"), delimiter="|")
+    for order in ([joined, b], [b, c, joined]):
+        everything = load_sources(as_sources(order))["text"][:]  # the reference: no limit
+        assert len(everything) == len(set(everything)) == {2: 7, 3: 10}[len(order)]
+        for limit in range(1, len(everything) + 1):
+            assert load_sources(as_sources(order), limit=limit)["text"][:] == everything[:limit], (order, limit)

@@ -88,12 +88,15 @@ def load_source(src: Source, cache_dir: str | None = None, limit: int | None = N
         raise ValueError(f"unknown built-in corpus {src.path!r}: the built-in corpus is {BUILTIN_STDLIB!r}")
     else:
         ds = _load(src, cache_dir, num_proc)
-    if limit is not None and limit < len(ds):
-        ds = ds.select(range(limit))
-    ds = _text_column(ds, src)
-    if src.delimiter:
+    ds = _text_column(_first(ds, limit), src)
+    if src.delimiter:  # each row holds one or more documents: split the rows kept, then count documents
         ds = ds.map(_split_at, fn_kwargs={"delimiter": src.delimiter}, batched=True, desc="split at delimiter")
+        ds = _first(ds, limit)
     return ds
+
+
+def _first(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return ds.select(range(limit)) if limit is not None and limit < len(ds) else ds
 
 
 def load_sources(sources: list[Source], cache_dir: str | None = None, limit: int | None = None,
