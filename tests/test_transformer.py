@@ -496,3 +496,32 @@ def test_model_copies_and_pickles_after_inference():
         expected = model(idx)
         for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
             torch.testing.assert_close(clone(idx), expected)
+
+
+def test_alibi_bias_is_one_for_the_batch_unless_rows_are_padded(monkeypatch):
+    """Without padding every row has the same bias: one (1, H, T, S) tensor broadcast over the batch, not B copies
+    (B x 50 MB per forward at conf/xlab.yaml's 12 heads x 1024 positions). With padding each row has its own."""
+    model = model_of(tiny(position="alibi", n_heads=6, d_model=36, n_kv_heads=3))
+    B, T, H = 4, 24, 6
+    idx = torch.randint(0, 61, (B, T), generator=torch.Generator().manual_seed(8))
+    shapes, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        shapes.append(tuple(attn_mask.shape))
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        logits = model(idx)
+        assert shapes == [(1, H, T, T)] * 2  # one per layer
+        torch.testing.assert_close(logits, reference_forward(model, idx), atol=2e-5, rtol=1e-5)
+        # every key marked real: the per-row (B, H, T, S) bias, which must give the same logits
+        shapes.clear()
+        per_row = model(idx, key_mask=torch.ones(B, T, dtype=torch.bool))
+        assert shapes == [(B, H, T, T)] * 2
+        assert (per_row - logits).abs().max() <= 1e-6
+        shapes.clear()
+        cache = KVCache(model.config, B)
+        incremental = torch.cat([model(idx[:, :10], cache), model(idx[:, 10:11], cache)], dim=1)
+        assert shapes == [(1, H, 10, 10)] * 2 + [(1, H, 1, 11)] * 2
+        assert (incremental - logits[:, :11]).abs().max() <= 1e-5

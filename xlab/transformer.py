@@ -425,9 +425,8 @@ class Transformer(nn.Module):
         if self.config.position == "rope":
             # (T, D) -> (1, T, D) or (B, T, D) -> (B, 1, T, D): broadcast over the batch and heads
             rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
-        if positions is None:
-            positions = pos.expand(B, T)
-        mask = self.attention_mask(positions, offset, key_mask, x.dtype)
+        # without per-row positions every row has the same ALiBi bias: build one, broadcast over the batch
+        mask = self.attention_mask(pos[None] if positions is None else positions, offset, key_mask, x.dtype)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         if cache is not None:
@@ -436,7 +435,10 @@ class Transformer(nn.Module):
         return logits[..., : self.config.vocab_size]
 
     def attention_mask(self, positions: Tensor, offset: int, key_mask: Tensor | None, dtype) -> Tensor | None:
-        """Float mask (B, H or 1, T, S) added to attention scores, or None when plain causal SDPA will do."""
+        """Float mask (B or 1, H or 1, T, S) added to attention scores, or None when plain causal SDPA will do.
+
+        positions (B or 1, T): one row (1, T) when all rows share them; with no key_mask the mask is then (1, ...).
+        """
         B, T = positions.shape
         S = offset + T
         if self.config.position != "alibi" and key_mask is None and (offset == 0 or T == 1):
