@@ -150,9 +150,10 @@ def test_progress_bar_hides_v_num_and_the_negative_epoch_count(tmp_path):
     assert "v_num" not in bar.get_metrics(trainer, None)
 
 
-def test_python_api_checkpoint_loads_without_unpickling(tmp_path):
+def test_python_api_checkpoint_loads_without_unpickling(tmp_path, capsys):
     """A run made with Lightning's Python API, no CLI: every loader reads its checkpoint (weights_only), and
-    Lightning's own load_from_checkpoint rebuilds the same dataclasses."""
+    Lightning's own load_from_checkpoint rebuilds the same dataclasses. infer.py and manage.py in-process."""
+    from xlab import infer, manage
     from xlab.data import XLabDataModule
     from xlab.generate import GenerationConfig
 
@@ -169,9 +170,12 @@ def test_python_api_checkpoint_loads_without_unpickling(tmp_path):
     assert loaded.model.config == arch and loaded.meta["step"] == 2
     for name, value in module.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
-    out = run_script("infer.py", ckpt, "def ", "--greedy", "--max-new-tokens", 3, env={"OMP_NUM_THREADS": "1"}).stdout
-    assert out.startswith("def ")
-    assert "32" in run_script("manage.py", "inspect", ckpt).stdout  # d_model / context of the architecture
+    capsys.readouterr()
+    assert infer.main([ckpt, "def ", "--greedy", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    manage.main(["inspect", ckpt])
+    out = capsys.readouterr().out
+    assert "step: 2" in out and f"total: {sum(p.numel() for p in module.model.parameters()):,}" in out, out
     again = LanguageModel.load_from_checkpoint(ckpt)
     assert (again.model.config, again.schedule, again.generation) == (arch, schedule, generation)
 
