@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -60,19 +61,80 @@ class Throughput(L.Callback):
         self._start = None
 
 
+def resume_point(trainer: L.Trainer) -> tuple[int, int, bool]:
+    """Where a checkpoint of `fit` saved now resumes: (epoch, batches of it done, whether they end it).
+
+    Lightning counts a batch once its backward ran, but under gradient accumulation the optimizer steps every
+    `accumulate_grad_batches` batches (and on an epoch's last batch): the gradients of batches after the last
+    step are not saved, so the resume point is that step and those batches are trained again."""
+    fit_loop = trainer.fit_loop
+    progress = fit_loop.epoch_loop.batch_progress
+    epoch = max(fit_loop.epoch_progress.total.started - 1, 0)  # the epoch in progress, or just ended
+    done = progress.current.processed
+    if done >= trainer.num_training_batches or progress.is_last_batch:
+        return epoch, done, True
+    return epoch, done - done % trainer.accumulate_grad_batches, False
+
+
+def counts(ready: int, processed: int, completed: int) -> dict:
+    """A Lightning progress tracker's counts (`started` goes with `ready`)."""
+    return {"ready": ready, "started": ready, "processed": processed, "completed": completed}
+
+
+def resume_loops_at(loops: dict, trainer: L.Trainer, validation_pending: bool) -> None:
+    """Rewrite a checkpoint's fit-loop state (`checkpoint["loops"]["fit_loop"]`) to say: training resumes after the
+    `resume_point`, the state Lightning writes at the end of that training batch (as ModelCheckpoint's
+    `every_n_train_steps` does), which its restart logic replays exactly. What it writes elsewhere does not
+    replay: at the end of `fit` the epoch counts as finished (a longer run would skip the rest of it), after a
+    micro-batch of an unfinished step the next step would gather too few. An epoch whose batches are all done
+    resumes at the start of the next one.
+
+    `validation_pending`: a validation at the resume point was interrupted: the resumed run validates again
+    (Lightning restarts an evaluation whose first batch has not finished from its beginning)."""
+    epoch, batches, epoch_done = resume_point(trainer)
+    validation_pending = validation_pending and batches == trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    live = trainer.fit_loop.epoch_loop.batch_progress
+    before = live.total.processed - live.current.processed  # batches of the epochs before this one
+    if epoch_done and not validation_pending:
+        epoch, batches, before = epoch + 1, 0, live.total.processed
+    epoch_counts = counts(epoch + 1, epoch, epoch)  # started, not finished
+    loops["epoch_progress"] = {"total": epoch_counts, "current": epoch_counts}
+    loops["epoch_loop.batch_progress"] = {  # the batch `batches` trained, its hooks not yet finished
+        "total": counts(before + batches, before + batches, before + batches - 1),
+        "current": counts(batches, batches, batches - 1), "is_last_batch": epoch_done and validation_pending}
+    steps = trainer.fit_loop.epoch_loop.global_step
+    # the logging step: Lightning adds one on restarting at the end of a batch, one more when replaying its validation
+    loops["epoch_loop.state_dict"]["_batches_that_stepped"] = steps - 1 - validation_pending
+    if validation_pending:
+        val = loops["epoch_loop.val_loop.batch_progress"]
+        before = val["total"]["completed"] - val["current"]["completed"]
+        val.update(total=counts(before + 1, before, before), current=counts(1, 0, 0))
+
+
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (preemption, a SLURM time limit) save `last.ckpt` before the process exits;
-    Lightning raises SIGTERMException at a batch boundary, so the state is consistent."""
+    """On SIGTERM (preemption, a SLURM time limit) during `fit`, training or validating, save `last.ckpt` before the
+    process exits; Lightning raises SIGTERMException at a batch boundary, so the state is consistent. Every checkpoint
+    `fit` writes, this one or ModelCheckpoint's, resumes exactly where it was saved: see `resume_loops_at`."""
+
+    def __init__(self):
+        self.validation_interrupted = False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or not trainer.training:
+        if (not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING
+                or trainer.sanity_checking):
             return
         checkpoint = trainer.checkpoint_callback
         folder = Path(checkpoint.dirpath) if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath \
             else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        self.validation_interrupted = trainer.validating
         trainer.save_checkpoint(path)
-        log.warning("SIGTERM received at step %d: saved %s", trainer.global_step, path)
+        log.warning("SIGTERM received at step %d%s: saved %s", trainer.global_step,
+                    " during validation" if trainer.validating else "", path)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and "loops" in checkpoint:
+            resume_loops_at(checkpoint["loops"]["fit_loop"], trainer, self.validation_interrupted)
 
 
 class PredictionWriter(BasePredictionWriter):
