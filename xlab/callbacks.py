@@ -61,19 +61,21 @@ class Throughput(L.Callback):
         self._start = None
 
 
-def resume_point(trainer: L.Trainer) -> tuple[int, int, bool]:
-    """Where a checkpoint of `fit` saved now resumes: (epoch, batches of it done, whether they end it).
+def resume_point(trainer: L.Trainer) -> tuple[int, int, int]:
+    """Where a checkpoint of `fit` saved now resumes: (epoch, batches of it done, batches done since, to train again).
 
     Lightning counts a batch once its backward ran, but under gradient accumulation the optimizer steps every
-    `accumulate_grad_batches` batches (and on an epoch's last batch): the gradients of batches after the last
-    step are not saved, so the resume point is that step and those batches are trained again."""
+    `accumulate_grad_batches` batches (and on an epoch's last batch): the gradients of the batches after the last
+    step are not saved, so the resume point is that step and those batches are trained again. An epoch whose
+    batches are all done resumes at the start of the next."""
     fit_loop = trainer.fit_loop
     progress = fit_loop.epoch_loop.batch_progress
     epoch = max(fit_loop.epoch_progress.total.started - 1, 0)  # the epoch in progress, or just ended
     done = progress.current.processed
     if done >= trainer.num_training_batches or progress.is_last_batch:
-        return epoch, done, True
-    return epoch, done - done % trainer.accumulate_grad_batches, False
+        return epoch + 1, 0, 0
+    again = done % trainer.accumulate_grad_batches
+    return epoch, done - again, again
 
 
 def counts(ready: int, processed: int, completed: int) -> dict:
@@ -82,33 +84,29 @@ def counts(ready: int, processed: int, completed: int) -> dict:
 
 
 def resume_loops_at(loops: dict, trainer: L.Trainer, validation_pending: bool) -> None:
-    """Rewrite a checkpoint's fit-loop state (`checkpoint["loops"]["fit_loop"]`) to say: training resumes after the
-    `resume_point`, the state Lightning writes at the end of that training batch (as ModelCheckpoint's
-    `every_n_train_steps` does), which its restart logic replays exactly. What it writes elsewhere does not
-    replay: at the end of `fit` the epoch counts as finished (a longer run would skip the rest of it), after a
-    micro-batch of an unfinished step the next step would gather too few. An epoch whose batches are all done
-    resumes at the start of the next one.
+    """Rewrite the fit loop's state in a checkpoint (`checkpoint["loops"]["fit_loop"]`) to the one Lightning writes at
+    the end of the training batch of the `resume_point` (as ModelCheckpoint's `every_n_train_steps` does), from which
+    its restart logic continues exactly. The state it writes elsewhere does not: at the end of `fit` it counts the
+    epoch as finished (training further would skip the rest of it), and between the micro-batches of a step the
+    resumed step would gather too few.
 
-    `validation_pending`: a validation at the resume point was interrupted: the resumed run validates again
-    (Lightning restarts an evaluation whose first batch has not finished from its beginning)."""
-    epoch, batches, epoch_done = resume_point(trainer)
-    validation_pending = validation_pending and batches == trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    live = trainer.fit_loop.epoch_loop.batch_progress
-    before = live.total.processed - live.current.processed  # batches of the epochs before this one
-    if epoch_done and not validation_pending:
-        epoch, batches, before = epoch + 1, 0, live.total.processed
+    `validation_pending`: the validation at the resume point was interrupted. It is marked as started with no batch
+    done, which Lightning runs again from its beginning before training on."""
+    epoch, batches, again = resume_point(trainer)
+    trained = trainer.fit_loop.epoch_loop.batch_progress.total.processed - again  # batches, all epochs
     epoch_counts = counts(epoch + 1, epoch, epoch)  # started, not finished
     loops["epoch_progress"] = {"total": epoch_counts, "current": epoch_counts}
-    loops["epoch_loop.batch_progress"] = {  # the batch `batches` trained, its hooks not yet finished
-        "total": counts(before + batches, before + batches, before + batches - 1),
-        "current": counts(batches, batches, batches - 1), "is_last_batch": epoch_done and validation_pending}
-    steps = trainer.fit_loop.epoch_loop.global_step
+    loops["epoch_loop.batch_progress"] = {  # batch number `batches` trained, its end hooks not run
+        "total": counts(trained, trained, trained - 1), "current": counts(batches, batches, batches - 1),
+        "is_last_batch": False}
+    validation_pending = validation_pending and not again  # else it comes again after the batches trained again
     # the logging step: Lightning adds one on restarting at the end of a batch, one more when replaying its validation
+    steps = trainer.fit_loop.epoch_loop.global_step
     loops["epoch_loop.state_dict"]["_batches_that_stepped"] = steps - 1 - validation_pending
     if validation_pending:
         val = loops["epoch_loop.val_loop.batch_progress"]
-        before = val["total"]["completed"] - val["current"]["completed"]
-        val.update(total=counts(before + 1, before, before), current=counts(1, 0, 0))
+        earlier = val["total"]["completed"] - val["current"]["completed"]
+        val.update(total=counts(earlier + 1, earlier, earlier), current=counts(1, 0, 0))
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -537,9 +537,7 @@ class XLabDataModule(L.LightningDataModule):
         and the batches per rank the training loop counts there."""
         if self.train_sampler is None or self.trainer is None:
             return {}
-        epoch, batches, epoch_done = resume_point(self.trainer)
-        if epoch_done:
-            epoch, batches = epoch + 1, 0
+        epoch, batches, _ = resume_point(self.trainer)
         return {"epoch": epoch, "batches": batches,
                 "seen": batches * self.hparams.batch_size * self.trainer.world_size, "seed": self.hparams.seed,
                 "windows": len(self.windows["train"]), "fingerprint": self.fingerprint()}
