@@ -1,18 +1,14 @@
-"""Training: schedules, parameter groups, metrics, checkpoints and resume, failure handling."""
+"""Training: schedules, parameter groups, metrics, checkpoints, failure handling (resume: test_resume.py)."""
 
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_script, tiny_args
+from conftest import run_script, tiny_args
 
 from xlab.checkpoint import load_checkpoint
 from xlab.module import IGNORE_INDEX, LanguageModel
@@ -59,44 +55,6 @@ def test_evaluation_metrics_match_direct_computation():
     expected_acc = (logits[keep].argmax(-1) == targets[keep]).float().mean()
     assert module.metrics["val_loss"].compute() == pytest.approx(expected_loss.item(), rel=1e-5)
     assert module.metrics["val_acc"].compute() == pytest.approx(expected_acc.item())
-
-
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    def weights(path):
-        return load_checkpoint(path).model.state_dict()
-
-    # the schedule's length is fixed, so stopping at max_steps=3 is an interruption, not a shorter run
-    common = {"trainer.val_check_interval": 3, "trainer.logger.init_args.save_dir": tmp_path / "a",
-              "model.schedule.total_steps": 6}
-    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=6, **common))
-    straight = tmp_path / "a/version_0/checkpoints/last.ckpt"
-    # the same run interrupted at step 3, then resumed from its last checkpoint up to step 6
-    common["trainer.logger.init_args.save_dir"] = tmp_path / "b"
-    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=3, **common))
-    # "last": the newest run's last.ckpt (b/version_0), though this run logs to b/version_1
-    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=6, **common), "--ckpt_path=last")
-    resumed = tmp_path / "b/version_1/checkpoints/last.ckpt"
-    assert load_checkpoint(resumed).meta["step"] == 6
-    a, b = weights(straight), weights(resumed)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
-
-
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
-    args = tiny_args(tmp_path, steps=100000, **{"trainer.val_check_interval": 100000})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "xlab.py"), "fit", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    events = tmp_path / "logs/version_0"
-    deadline = time.time() + 120
-    while not list(events.glob("events.out.tfevents.*")) and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # a few training steps
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    last = events / "checkpoints/last.ckpt"
-    assert last.is_file(), output
-    step = load_checkpoint(last).meta["step"]
-    assert 0 < step < 100000
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):

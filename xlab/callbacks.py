@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -60,19 +61,78 @@ class Throughput(L.Callback):
         self._start = None
 
 
+def resume_point(trainer: L.Trainer) -> tuple[int, int, int]:
+    """Where a checkpoint of `fit` saved now resumes: (epoch, batches of it done, batches done since, to train again).
+
+    Lightning counts a batch once its backward ran, but under gradient accumulation the optimizer steps every
+    `accumulate_grad_batches` batches (and on an epoch's last batch): the gradients of the batches after the last
+    step are not saved, so the resume point is that step and those batches are trained again. An epoch whose
+    batches are all done resumes at the start of the next."""
+    fit_loop = trainer.fit_loop
+    progress = fit_loop.epoch_loop.batch_progress
+    epoch = max(fit_loop.epoch_progress.total.started - 1, 0)  # the epoch in progress, or just ended
+    done = progress.current.processed
+    if done >= trainer.num_training_batches or progress.is_last_batch:
+        return epoch + 1, 0, 0
+    again = done % trainer.accumulate_grad_batches
+    return epoch, done - again, again
+
+
+def counts(ready: int, processed: int, completed: int) -> dict:
+    """A Lightning progress tracker's counts (`started` goes with `ready`)."""
+    return {"ready": ready, "started": ready, "processed": processed, "completed": completed}
+
+
+def resume_loops_at(loops: dict, trainer: L.Trainer, validation_pending: bool) -> None:
+    """Rewrite the fit loop's state in a checkpoint (`checkpoint["loops"]["fit_loop"]`) to the one Lightning writes at
+    the end of the training batch of the `resume_point` (as ModelCheckpoint's `every_n_train_steps` does), from which
+    its restart logic continues exactly. The state it writes elsewhere does not: at the end of `fit` it counts the
+    epoch as finished (training further would skip the rest of it), and between the micro-batches of a step the
+    resumed step would gather too few.
+
+    `validation_pending`: the validation at the resume point was interrupted. It is marked as started with no batch
+    done, which Lightning runs again from its beginning before training on."""
+    epoch, batches, again = resume_point(trainer)
+    trained = trainer.fit_loop.epoch_loop.batch_progress.total.processed - again  # batches, all epochs
+    epoch_counts = counts(epoch + 1, epoch, epoch)  # started, not finished
+    loops["epoch_progress"] = {"total": epoch_counts, "current": epoch_counts}
+    loops["epoch_loop.batch_progress"] = {  # batch number `batches` trained, its end hooks not run
+        "total": counts(trained, trained, trained - 1), "current": counts(batches, batches, batches - 1),
+        "is_last_batch": False}
+    validation_pending = validation_pending and not again  # else it comes again after the batches trained again
+    # the logging step: Lightning adds one on restarting at the end of a batch, one more when replaying its validation
+    steps = trainer.fit_loop.epoch_loop.global_step
+    loops["epoch_loop.state_dict"]["_batches_that_stepped"] = steps - 1 - validation_pending
+    if validation_pending:
+        val = loops["epoch_loop.val_loop.batch_progress"]
+        earlier = val["total"]["completed"] - val["current"]["completed"]
+        val.update(total=counts(earlier + 1, earlier, earlier), current=counts(1, 0, 0))
+
+
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (preemption, a SLURM time limit) save `last.ckpt` before the process exits;
-    Lightning raises SIGTERMException at a batch boundary, so the state is consistent."""
+    """On SIGTERM (preemption, a SLURM time limit) during `fit`, training or validating, save `last.ckpt` before the
+    process exits; Lightning raises SIGTERMException at a batch boundary, so the state is consistent. Every checkpoint
+    `fit` writes, this one or ModelCheckpoint's, resumes exactly where it was saved: see `resume_loops_at`."""
+
+    def __init__(self):
+        self.validation_interrupted = False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or not trainer.training:
+        if (not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING
+                or trainer.sanity_checking):
             return
         checkpoint = trainer.checkpoint_callback
         folder = Path(checkpoint.dirpath) if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath \
             else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        self.validation_interrupted = trainer.validating
         trainer.save_checkpoint(path)
-        log.warning("SIGTERM received at step %d: saved %s", trainer.global_step, path)
+        log.warning("SIGTERM received at step %d%s: saved %s", trainer.global_step,
+                    " during validation" if trainer.validating else "", path)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and "loops" in checkpoint:
+            resume_loops_at(checkpoint["loops"]["fit_loop"], trainer, self.validation_interrupted)
 
 
 class PredictionWriter(BasePredictionWriter):

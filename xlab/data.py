@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
+from xlab.callbacks import resume_point
 from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files
 from xlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 from xlab.windows import (
@@ -531,13 +532,15 @@ class XLabDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------ resuming mid-epoch
 
     def state_dict(self) -> dict:
-        """Where training is in its epoch, saved by Lightning in checkpoints: the windows drawn so far by
-        all ranks together, counted from the batches the training loop has processed (not prefetched)."""
+        """Where training is in its epoch, saved by Lightning in checkpoints: the windows drawn so far by all ranks
+        together up to the checkpoint's resume point (`xlab.callbacks.resume_point`: the last optimizer step),
+        and the batches per rank the training loop counts there."""
         if self.train_sampler is None or self.trainer is None:
             return {}
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.train_sampler.epoch, "seen": batches * self.hparams.batch_size * self.trainer.world_size,
-                "seed": self.hparams.seed, "windows": len(self.windows["train"]), "fingerprint": self.fingerprint()}
+        epoch, batches, _ = resume_point(self.trainer)
+        return {"epoch": epoch, "batches": batches,
+                "seen": batches * self.hparams.batch_size * self.trainer.world_size, "seed": self.hparams.seed,
+                "windows": len(self.windows["train"]), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         self.resume_state = state or None  # applied by the next train_dataloader()
@@ -548,7 +551,7 @@ class XLabDataModule(L.LightningDataModule):
             log.warning("the checkpoint was trained on other data (seed, windows or data differ): "
                         "training starts its epoch from the beginning")
             return
-        self.train_sampler.resume(state["epoch"], state["seen"])
+        self.train_sampler.resume(state["epoch"], state["seen"], state["batches"] * self.hparams.batch_size)
         info("resuming epoch %d after %d training windows", state["epoch"], state["seen"])
 
 

@@ -142,37 +142,46 @@ def collate_prompts(items: list[dict]) -> dict[str, list]:
 
 
 class ShuffledSampler(DistributedSampler):
-    """Training order: a seeded permutation of the windows per epoch, resumable mid-epoch.
+    """Training order: a seeded permutation of the windows per epoch, resumable mid-epoch on any number of ranks.
 
     Epoch e's order is drawn from (seed, e) alone. Rank r of R takes positions r, r + R, r + 2R, ... of it,
     so ranks never share a window, and after each rank has drawn k windows, the first k * R of the
-    permutation have been seen, whatever R is. `resume` skips that many at the start of one epoch.
+    permutation have been seen. A resumed epoch continues after its first `seen` windows, which rank r of R
+    then takes from position seen + r in steps of R: whatever R was before, no window is drawn twice and none
+    is skipped, except that, as in every epoch, the last (windows - seen) % R are left out so that every rank
+    draws as many (and the DataLoader drops each rank's last partial batch: fewer than R x batch size windows
+    in all are left at the end of an epoch).
     Being a DistributedSampler, Lightning leaves it in place under DDP and calls `set_epoch` on it.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.resume_epoch, self.resume_seen = -1, 0
+        self.resume_epoch, self.resume_seen, self.resume_counted = -1, 0, 0
 
-    def resume(self, epoch: int, seen: int) -> None:
-        """Continue epoch `epoch` after its first `seen` windows (all ranks together)."""
-        self.resume_epoch, self.resume_seen = epoch, seen
+    def resume(self, epoch: int, seen: int, counted: int = 0) -> None:
+        """Continue epoch `epoch` after its first `seen` windows (all ranks together), of which the training loop
+        counts `counted` per rank (the batches it has done x batch size)."""
+        self.set_epoch(epoch)  # before Lightning does: DataLoader workers may draw indices when the loader is created
+        self.resume_epoch, self.resume_seen, self.resume_counted = epoch, seen, counted
 
-    def order(self, epoch: int) -> np.ndarray:
-        """This rank's windows for an epoch, in order."""
-        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        return permutation[: self.total_size][self.rank:: self.num_replicas]
+    def order(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's windows for an epoch, in order, after the epoch's first `start` windows (all ranks)."""
+        rest = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))[start:]
+        return rest[: len(rest) - len(rest) % self.num_replicas][self.rank:: self.num_replicas]
 
     def __iter__(self):
-        order = self.order(self.epoch)
-        if self.epoch == self.resume_epoch:
-            order = order[self.resume_seen // self.num_replicas:]
-            self.resume_epoch = -1  # only once: a later pass over this epoch number starts at its beginning
+        order = self.order(self.epoch, self.resume_seen if self.epoch == self.resume_epoch else 0)
+        self.resume_epoch = -1  # only once: a later pass over this epoch number starts at its beginning
         return map(int, order)  # lazily: a Python list of a big epoch's indices would cost ~36 bytes each
 
     def __len__(self) -> int:
-        # the whole epoch even when resuming, so that Lightning's count of batches per epoch stays right
-        return self.num_samples
+        # the whole epoch even when resuming, so that Lightning's count of batches per epoch stays right. Resumed on
+        # more ranks, each has more windows left than that count allows after the batches it counts as done: longer
+        # then, or the loop would end the epoch early (an epoch also ends when the sampler does)
+        if self.resume_epoch < 0:
+            return self.num_samples
+        left = (len(self.dataset) - self.resume_seen) // self.num_replicas
+        return max(self.num_samples, self.resume_counted + left)
 
 
 class ResumableLoader(DataLoader):

@@ -1,0 +1,221 @@
+"""Resume and preemption: a run that stops (finished, or SIGTERM while training, while validating, or between the
+micro-batches of an accumulated step) and is resumed from its last.ckpt trains as a straight run does, step by step.
+
+The runs go through the real CLI in this process (`xlab.cli.main`), on a corpus small enough for epochs of about ten
+batches. SIGTERM is sent by the process to itself from a callback at a given batch: the interruption is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from unittest import mock
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_args
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from xlab.checkpoint import load_checkpoint
+from xlab.cli import main
+from xlab.windows import ShuffledSampler
+
+VAL_EVERY = 4  # batches
+ACCUMULATE = 3  # micro-batches of 4 per step with --global_batch_size=12
+
+
+class SigtermAt(L.Callback):
+    """Sends SIGTERM to this process once the training loop has processed `batches` batches (micro-batches): at the
+    end of that batch or, with `validation`, of the first validation batch after it."""
+
+    def __init__(self, batches: int, validation: bool = False):
+        self.batches, self.validation = batches, validation
+
+    def signal_at(self, trainer: L.Trainer, validation: bool) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        if validation == self.validation and done == self.batches and not trainer.received_sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.signal_at(trainer, validation=False)
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        self.signal_at(trainer, validation=True)
+
+
+def data_args(work: Path) -> dict:
+    source = json.dumps({"path": str(work / "corpus.txt"), "sample_by": "paragraph"})
+    return {"data.source": source, "data.val_size": 2, "data.test_size": 1, "data.predict_size": 1}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A folder with a prepared corpus: 14 paragraphs of seeded random words (10 train, 2 val: two validation
+    batches, 1 test, 1 predict)."""
+    folder = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(0)
+    words = "def class return import self value index token window batch step epoch".split()
+    (folder / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(14)))
+    with mock.patch.object(sys, "argv", ["xlab.py"]):
+        main(["prepare_data", *tiny_args(folder, **data_args(folder))])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 20K-parameter model trains faster on one thread than on cores it shares
+    yield folder
+    torch.set_num_threads(threads)
+
+
+def per_epoch(work: Path) -> int:
+    """Training batches per epoch: windows of context 32, batches of 4."""
+    manifest = json.loads(next((work / "data").glob("*/train.json")).read_text())
+    batches = (manifest["tokens"] - 1) // 32 // 4
+    assert 8 <= batches <= 20, batches
+    return batches
+
+
+def total_steps(work: Path, accumulate: int = 1) -> int:
+    """Steps of the reference runs: into a third epoch, ending at a validation (so their last.ckpt is the end)."""
+    steps = -(-2 * per_epoch(work) // accumulate) + 2
+    return steps + -steps % VAL_EVERY
+
+
+def fit(work: Path, name: str, steps: int, *flags: str, accumulate: int = 1, **overrides) -> None:
+    """`xlab.py fit` logging to work/name/version_N; the learning-rate schedule always spans the reference run, so
+    that stopping earlier is an interruption, not a shorter run."""
+    args = tiny_args(work, steps, **{
+        "trainer.val_check_interval": VAL_EVERY, "trainer.logger.init_args.save_dir": work / name,
+        "model.schedule.total_steps": total_steps(work, accumulate), "model.sample_prompts": "null",
+        **data_args(work), **overrides})
+    with mock.patch.object(sys, "argv", ["xlab.py"]):  # the CLI's arguments are these, not pytest's
+        main(["fit", *args, *flags, f"--global_batch_size={4 * accumulate}"])
+
+
+def last(work: Path, name: str, version: int = 0) -> Path:
+    return work / name / f"version_{version}/checkpoints/last.ckpt"
+
+
+def sigterm_at(batches: int, validation: bool = False) -> str:
+    init = {"batches": batches, "validation": validation}
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "test_resume.SigtermAt", "init_args": init})
+
+
+def curves(run: Path, tag: str = "train/loss") -> list[dict[int, float]]:
+    """`tag`'s value at each logging step, for each version (each start) of a run, in order."""
+    found = []
+    for version in sorted(run.glob("version_*"), key=lambda v: int(v.name.split("_")[1])):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        events.Reload()
+        found.append({e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {})
+    return found
+
+
+def assert_same_curve(straight: Path, run: Path, tag: str = "train/loss") -> None:
+    """The parts of an interrupted run, each starting where the one before stopped, make up the straight curve."""
+    [reference], parts = curves(straight, tag), curves(run, tag)
+    for before, after in zip(parts, parts[1:], strict=False):
+        assert not after or min(after) > max(before, default=-1), (tag, before, after)  # no step twice
+    joined = {step: value for part in parts for step, value in part.items()}
+    assert joined.keys() == reference.keys(), tag
+    for step, value in reference.items():
+        assert joined[step] == pytest.approx(value, abs=1e-5), (tag, step)
+
+
+@pytest.fixture(scope="module")
+def straight(work) -> Path:
+    """Uninterrupted, over two epochs: the reference of the runs without accumulation."""
+    fit(work, "straight", total_steps(work))
+    return work / "straight"
+
+
+@pytest.fixture(scope="module")
+def straight_accumulated(work) -> Path:
+    fit(work, "straight-accumulated", total_steps(work, ACCUMULATE), accumulate=ACCUMULATE)
+    return work / "straight-accumulated"
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch end"])
+def test_training_longer_from_a_finished_run_is_exact(work, straight, where):
+    stop = 5 if where == "mid-epoch" else per_epoch(work)
+    run = f"finished-{stop}"
+    # without validation the run's last.ckpt is the one written when fit ends (at a validation it is written then)
+    fit(work, run, stop, **{"trainer.limit_val_batches": 0})
+    fit(work, run, total_steps(work), f"--ckpt_path={last(work, run)}", **{"trainer.limit_val_batches": 0})
+    assert [min(part) for part in curves(work / run)] == [0, stop]
+    assert_same_curve(straight, work / run)
+    final, resumed = load_checkpoint(last(work, "straight")), load_checkpoint(last(work, run, version=1))
+    assert final.meta["step"] == resumed.meta["step"] == total_steps(work)
+    for name, weight in final.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], weight, rtol=0, atol=1e-5, msg=name)
+
+
+def test_sigterm_while_training_saves_last_ckpt_and_resumes_exactly(work, straight):
+    at = per_epoch(work) + 2 if (per_epoch(work) + 2) % VAL_EVERY else per_epoch(work) + 3  # epoch 1, no validation
+    with pytest.raises(SIGTERMException):
+        fit(work, "sigterm", total_steps(work), sigterm_at(at))
+    assert load_checkpoint(last(work, "sigterm")).meta["step"] == at
+    fit(work, "sigterm", total_steps(work), "--ckpt_path=last")  # the newest last.ckpt under the run's folder
+    assert_same_curve(straight, work / "sigterm")
+    assert_same_curve(straight, work / "sigterm", "val/loss")
+
+
+def test_sigterm_during_validation_saves_and_validates_again(work, straight):
+    at = 2 * VAL_EVERY
+    with pytest.raises(SIGTERMException):
+        fit(work, "sigterm-validating", total_steps(work), sigterm_at(at, validation=True))
+    assert load_checkpoint(last(work, "sigterm-validating")).meta["step"] == at
+    fit(work, "sigterm-validating", total_steps(work), f"--ckpt_path={last(work, 'sigterm-validating')}")
+    assert_same_curve(straight, work / "sigterm-validating")
+    # the interrupted validation (logged at the step's index, at - 1) is done again, in full, by the resumed run
+    assert at - 1 in curves(work / "sigterm-validating", "val/loss")[1]
+    assert_same_curve(straight, work / "sigterm-validating", "val/loss")
+
+
+def test_sigterm_between_micro_batches_resumes_at_the_step_boundary(work, straight_accumulated):
+    steps, at = total_steps(work, ACCUMULATE), 2 * ACCUMULATE + 1  # step 3 has had one micro-batch of three
+    with pytest.raises(SIGTERMException):
+        fit(work, "sigterm-accumulating", steps, sigterm_at(at), accumulate=ACCUMULATE)
+    assert load_checkpoint(last(work, "sigterm-accumulating")).meta["step"] == 2
+    fit(work, "sigterm-accumulating", steps, f"--ckpt_path={last(work, 'sigterm-accumulating')}",
+        accumulate=ACCUMULATE)
+    assert_same_curve(straight_accumulated, work / "sigterm-accumulating")
+    assert_same_curve(straight_accumulated, work / "sigterm-accumulating", "val/loss")
+
+
+@pytest.mark.parametrize("before, after", [(2, 3), (3, 2), (1, 4), (4, 1), (2, 2)])
+@pytest.mark.parametrize("batches", [0, 1, 5])
+def test_resuming_on_another_number_of_devices_draws_no_window_twice(before, after, batches):
+    """`before` ranks each draw `batches` batches of epoch 2, then `after` ranks resume the epoch: no window is
+    drawn twice, and the windows never drawn are the last of the permutation, fewer than `after` x batch size,
+    as at the end of any epoch."""
+    windows, size, epoch = 103, 4, 2
+
+    def samplers(ranks: int) -> list[ShuffledSampler]:
+        found = [ShuffledSampler(range(windows), num_replicas=ranks, rank=r, seed=5) for r in range(ranks)]
+        for sampler in found:
+            sampler.set_epoch(epoch)
+        return found
+
+    [single] = samplers(1)
+    permutation = list(single)
+    drawn = [w for sampler in samplers(before) for w in list(sampler)[: batches * size]]
+    assert sorted(drawn) == sorted(permutation[: len(drawn)])
+    resumed = samplers(after)
+    for sampler in resumed:
+        sampler.resume(epoch, seen=len(drawn), counted=batches * size)
+    loop_length = [len(sampler) // size for sampler in resumed]  # the batches Lightning counts for the epoch
+    rest = [list(sampler) for sampler in resumed]
+    rest = [order[: len(order) // size * size] for order in rest]  # the DataLoader drops a last partial batch
+    # the training loop, which counts `batches` as done, does not end the epoch before the sampler does
+    assert all(length - batches >= len(order) // size for length, order in zip(loop_length, rest, strict=True))
+    everything = drawn + [w for order in rest for w in order]
+    assert len(everything) == len(set(everything))  # none twice
+    never = len(permutation) - len(everything)
+    assert sorted(everything) == sorted(permutation[: len(everything)]) and never < after * size
+    if before == after:  # the same ranks: each continues its own order of the straight run
+        assert rest == [list(sampler)[batches * size:][: len(order)] for sampler, order in
+                        zip(samplers(after), rest, strict=True)]
