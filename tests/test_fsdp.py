@@ -1,0 +1,99 @@
+"""Sharded training (FSDP2, conf/extra/fsdp.yaml) on two CPU processes with gloo, against DDP on the same data.
+
+The sharded run stops at step 4 and resumes from its last.ckpt to step 8; DDP runs straight through. Both
+validate every 2 steps and clip gradients. The sharded curve must be DDP's at every step (loss, global
+gradient norm), its validation samples the same, its weights at the end the same, weight decay on every
+matrix, MFU from the full model's FLOPs, and its checkpoint a single file that infer.py and manage.py read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import ROOT, run_script, tiny_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_distributed import free_port
+from test_export import greedy_reference
+
+from xlab import infer, manage
+from xlab.checkpoint import load_checkpoint
+
+STEPS, PEAK_FLOPS = 8, 1e12
+
+
+def fit(tmp_path: Path, name: str, *extra: str, steps: int = STEPS) -> Path:
+    """Two CPU processes, fp32; returns the logger's folder. The schedule spans STEPS however long the run."""
+    args = tiny_args(tmp_path, steps=steps, **{
+        "trainer.accelerator": "cpu", "trainer.devices": 2, "trainer.precision": "32",
+        "trainer.gradient_clip_val": 0.5, "model.schedule.total_steps": STEPS, "model.sample_tokens": 12,
+        "throughput.peak_flops": PEAK_FLOPS, "trainer.logger.init_args.save_dir": tmp_path / name})
+    run_script("xlab.py", "fit", *extra, *args, env={"MASTER_PORT": str(free_port())})
+    return tmp_path / name
+
+
+def events(root: Path) -> list[EventAccumulator]:
+    runs = [EventAccumulator(str(folder)) for folder in sorted(root.glob("version_*"))]
+    for run in runs:
+        run.Reload()
+    return runs
+
+
+def scalars(root: Path, tag: str) -> dict[int, float]:
+    """step -> value of a TensorBoard scalar over every run (version) under root."""
+    return {e.step: e.value for run in events(root) for e in run.Scalars(tag)}
+
+
+def samples(root: Path) -> dict[int, str]:
+    """step -> the validation samples' text (Markdown) over every run under root."""
+    return {e.step: e.tensor_proto.string_val[0].decode() for run in events(root)
+            if "samples/text_summary" in run.Tags()["tensors"] for e in run.Tensors("samples/text_summary")}
+
+
+def test_fsdp_matches_ddp_resumes_and_its_checkpoint_loads(tmp_path, capsys):
+    ddp = fit(tmp_path, "ddp", "--trainer.strategy=ddp")
+    fsdp = fit(tmp_path, "fsdp", "-c", str(ROOT / "conf/extra/fsdp.yaml"), steps=STEPS // 2)
+    half = fsdp / "version_0/checkpoints/last.ckpt"
+    fit(tmp_path, "fsdp", "-c", str(ROOT / "conf/extra/fsdp.yaml"), f"--ckpt_path={half}")
+
+    for tag, rtol in (("train/loss", 1e-4), ("train/grad_norm", 1e-4)):
+        reference, sharded = scalars(ddp, tag), scalars(fsdp, tag)
+        assert sorted(sharded) == sorted(reference) == list(range(STEPS)), tag
+        for step, value in reference.items():
+            assert abs(sharded[step] - value) <= rtol * abs(value), (tag, step, sharded[step], value)
+    expected_samples = samples(ddp)
+    assert sorted(expected_samples) == [2, 4, 6, 8] and samples(fsdp) == expected_samples
+
+    ckpt = fsdp / "version_1/checkpoints/last.ckpt"
+    sharded, reference = load_checkpoint(ckpt), load_checkpoint(ddp / "version_0/checkpoints/last.ckpt")
+    assert sharded.meta["step"] == STEPS and sharded.meta["tokens_seen"] == reference.meta["tokens_seen"]
+    for name, weight in reference.model.state_dict().items():
+        torch.testing.assert_close(sharded.model.state_dict()[name], weight, rtol=0, atol=1e-5, msg=name)
+
+    # weight decay on every matrix (not on embeddings, norms and biases), as DDP's optimizer has it
+    model = sharded.model
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matrices = [p for p in dict.fromkeys(model.parameters()) if p.dim() == 2 and id(p) not in embeddings]
+    groups = [torch.load(path, weights_only=True)["optimizer_states"][0]["param_groups"]
+              for path in (ckpt, ddp / "version_0/checkpoints/last.ckpt")]
+    assert [[len(g["params"]), g["weight_decay"]] for g in groups[0]] == \
+           [[len(g["params"]), g["weight_decay"]] for g in groups[1]] == \
+           [[len(matrices), 0.1], [len(list(dict.fromkeys(model.parameters()))) - len(matrices), 0.0]]
+
+    # MFU counts the whole model's FLOPs, not one shard's
+    mfu, rate = scalars(fsdp, "perf/mfu"), scalars(fsdp, "perf/tokens_per_s")
+    flops = model.flops_per_token()["total"]
+    for step, value in mfu.items():
+        assert abs(value - flops * rate[step] / (PEAK_FLOPS * 2)) <= 1e-5 * value, step
+
+    # infer.py and manage.py read the sharded run's checkpoint
+    assert infer.main([str(ckpt), "def ", "--greedy", "--max-new-tokens", "5", "--device", "cpu"]) in (0, None)
+    tok = sharded.tokenizer
+    continuation = tok.decode(greedy_reference(model, tok.encode("def "), 5, tok.eos_id, keep_eos=False))
+    assert capsys.readouterr().out == "def " + continuation + "\n"
+    manage.main(["inspect", str(ckpt)])
+    assert "  step: 8\n" in capsys.readouterr().out
+    manage.main(["export-checkpoint", str(ckpt), "--output", str(tmp_path / "exported")])
+    exported = load_checkpoint(tmp_path / "exported")
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(exported.model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
