@@ -11,13 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from conftest import ROOT, run_script, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_distributed import free_port
 from test_export import greedy_reference
+from torch.distributed.device_mesh import init_device_mesh
 
 from xlab import infer, manage
 from xlab.checkpoint import load_checkpoint
+from xlab.fsdp import full_copy, shard
+from xlab.transformer import Transformer, TransformerConfig
 
 STEPS, PEAK_FLOPS = 8, 1e12
 
@@ -98,3 +102,27 @@ def test_fsdp_matches_ddp_resumes_and_its_checkpoint_loads(tmp_path, capsys):
     exported = load_checkpoint(tmp_path / "exported")
     for name, weight in model.state_dict().items():
         torch.testing.assert_close(exported.model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
+
+
+def test_sharded_model_evaluates_with_its_current_weights(tmp_path):
+    """A sharded model (one process) evaluated, updated in place as an optimizer step does, and evaluated again
+    computes what an unsharded copy of its new weights computes. FSDP2 gathers each weight into the same storage
+    without bumping its version, so a oneDNN copy of the weight cached by its identity would stay the old one.
+    Evaluation runs without grad, not in inference mode, as Lightning does under gloo and conf/extra/fsdp.yaml."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(TransformerConfig(vocab_size=64, context=16, n_layers=2, d_model=32, n_heads=2))
+        shard(model, init_device_mesh("cpu", (1,)), "32-true")
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        for step in range(2):
+            with torch.no_grad():
+                model(x)
+                model.reshard()  # as a training step's backward pass does (the blocks reshard after forward)
+                for p in model.parameters():
+                    p.mul_(1.5)
+                logits = model(x)
+                torch.testing.assert_close(logits, full_copy(model, torch.device("cpu"))(x), rtol=0, atol=1e-5,
+                                           msg=lambda m, step=step: f"step {step}: {m}")
+    finally:
+        dist.destroy_process_group()
