@@ -8,11 +8,15 @@ matrix, MFU from the full model's FLOPs, and its checkpoint a single file that i
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 from conftest import ROOT, run_script, tiny_args
+from lightning.pytorch.strategies import FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_distributed import free_port
 from test_export import greedy_reference
@@ -20,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from xlab import infer, manage
 from xlab.checkpoint import load_checkpoint
+from xlab.cli import check_hardware, main
 from xlab.fsdp import full_copy, shard
 from xlab.transformer import Transformer, TransformerConfig
 
@@ -126,3 +131,15 @@ def test_sharded_model_evaluates_with_its_current_weights(tmp_path):
                                            msg=lambda m, step=step: f"step {step}: {m}")
     finally:
         dist.destroy_process_group()
+
+
+def test_refused_combinations(tmp_path, monkeypatch):
+    """predict under FSDP2 (each process generates for its own prompts, but a sharded forward pass needs every
+    process) and Lightning's FSDP v1 (flat weights) are refused with one line, before any data is prepared."""
+    monkeypatch.setattr(sys, "argv", ["xlab.py"])  # the arguments are main's, not pytest's
+    args = tiny_args(tmp_path, **{"trainer.accelerator": "cpu", "trainer.devices": 2})
+    with pytest.raises(SystemExit, match="^error: predict cannot run sharded.*--trainer.strategy=ddp"):
+        main(["predict", "-c", str(ROOT / "conf/extra/fsdp.yaml"), *args])
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match="FSDP v1.*conf/extra/fsdp.yaml"):  # Lightning allows it on GPUs only
+        check_hardware(SimpleNamespace(strategy=FSDPStrategy()))
