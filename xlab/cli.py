@@ -12,6 +12,7 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI, _get_short_description
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
@@ -90,7 +91,7 @@ class XLabCLI(LightningCLI):
             trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
-        check_hardware(trainer)
+        check_hardware(trainer, self.subcommand)
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("global_batch_size"):
             trainer.accumulate_grad_batches = accumulation_steps(
@@ -118,14 +119,19 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     return global_batch // per_step
 
 
-def check_hardware(trainer) -> None:
+def check_hardware(trainer, subcommand: str | None = None) -> None:
     """Combinations that cannot work fail here, before any data is prepared."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise ValueError("strategy FSDPStrategy (FSDP v1) flattens the weights, which turns weight decay off and "
+                         "breaks gradient clipping and sampling: shard with -c conf/extra/fsdp.yaml (FSDP2) instead")
+    if subcommand == "predict" and isinstance(trainer.strategy, ModelParallelStrategy):
+        raise ValueError("predict cannot run sharded (each process generates for its own prompts, and every forward "
+                         "pass of a sharded model needs all of them): use --trainer.strategy=ddp, which reads the "
+                         "same checkpoint")
     device = trainer.strategy.root_device
     precision = str(trainer.precision)
     if device.type == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision {precision} needs a GPU with bfloat16 support; use 16-mixed or 32")
-    if device.type == "cpu" and "FSDP" in type(trainer.strategy).__name__:
-        raise ValueError("FSDP needs GPUs; on the CPU use strategy ddp (conf/extra/ddp.yaml)")
 
 
 def main(args: list[str] | None = None) -> None:

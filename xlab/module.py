@@ -11,10 +11,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from xlab.checkpoint import load_checkpoint
+from xlab.fsdp import full_copy, shard
 from xlab.generate import GenerationConfig, generate
 from xlab.optim import Schedule, param_groups
 from xlab.transformer import Transformer, TransformerConfig
@@ -101,6 +104,9 @@ class LanguageModel(L.LightningModule):
                              f"{self.model.config.vocab_size}: use the tokenizer the model was trained with")
 
     def configure_model(self) -> None:
+        # a device mesh comes with ModelParallelStrategy (conf/extra/fsdp.yaml); the hook runs once per stage
+        if self.device_mesh is not None and not isinstance(self.model, FSDPModule):
+            shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
         if self.hparams.compile:
             self.model.compile()  # in place: parameter names, and so checkpoints, stay the same
             # compiled, the loss reads the logits once instead of materialising a float32 copy
@@ -151,19 +157,22 @@ class LanguageModel(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")
-        if self.hparams.sample_prompts and not self.trainer.sanity_checking and self.global_rank == 0:
-            self.log_samples()
+        if self.hparams.sample_prompts and not self.trainer.sanity_checking:
+            # a sharded forward pass needs every rank, and only rank 0 samples: it does so from a full copy
+            model = full_copy(self.model, self.device) if isinstance(self.model, FSDPModule) else self.model
+            if self.global_rank == 0:
+                self.log_samples(model)
 
-    def log_samples(self) -> None:
-        """Continue the fixed `sample_prompts` (seeded sampling) and log them as TensorBoard text."""
+    def log_samples(self, model: Transformer) -> None:
+        """Continue the fixed `sample_prompts` with `model` (seeded sampling) and log them as TensorBoard text."""
         tokenizer = self.trainer.datamodule.tokenizer
         prompts = [tokenizer.encode(p) for p in self.hparams.sample_prompts]
-        room = self.model.config.context - max(map(len, prompts))
+        room = model.config.context - max(map(len, prompts))
         config = GenerationConfig(strategy="sample", max_new_tokens=max(1, min(self.hparams.sample_tokens, room)),
                                   temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
         generator = torch.Generator(self.device).manual_seed(0)
-        with eager(self.model):
-            completions = generate(self.model, prompts, config, generator)
+        with eager(model):
+            completions = generate(model, prompts, config, generator)
         text = "\n\n".join(f"**{p!r}** → `{tokenizer.decode(c.tokens)!r}`"
                              for p, [c] in zip(self.hparams.sample_prompts, completions, strict=True))
         for logger in self.loggers:
@@ -190,7 +199,9 @@ class LanguageModel(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.trainer._logger_connector.should_update_logs:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            norm = torch.nn.utils.get_total_norm(grads)
+            # sharded (FSDP2), the gradients are DTensors and their norm a DTensor holding the global value
+            self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for fused optimizers even under bf16,

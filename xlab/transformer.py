@@ -209,6 +209,8 @@ class Linear(nn.Linear):
     """
 
     _onednn: tuple[tuple, Tensor] | None = None  # (weight identity, oneDNN copy)
+    # False where the weight's storage is refilled without a version bump (FSDP2's all-gathers): laid out every call
+    cache_onednn = True
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out)."""
@@ -227,6 +229,8 @@ class Linear(nn.Linear):
 
     def _onednn_weight(self) -> Tensor:
         w = self.weight
+        if not self.cache_onednn:
+            return _onednn_layout(w.detach())
         key = (w.data_ptr(), w._version)
         if self._onednn is None or self._onednn[0] != key:
             self._onednn = (key, _onednn_layout(w.detach()))

@@ -1,0 +1,145 @@
+"""Sharded training (FSDP2, conf/extra/fsdp.yaml) on two CPU processes with gloo, against DDP on the same data.
+
+The sharded run stops at step 4 and resumes from its last.ckpt to step 8; DDP runs straight through. Both
+validate every 2 steps and clip gradients. The sharded curve must be DDP's at every step (loss, global
+gradient norm), its validation samples the same, its weights at the end the same, weight decay on every
+matrix, MFU from the full model's FLOPs, and its checkpoint a single file that infer.py and manage.py read.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT, run_script, tiny_args
+from lightning.pytorch.strategies import FSDPStrategy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_distributed import free_port
+from test_export import greedy_reference
+from torch.distributed.device_mesh import init_device_mesh
+
+from xlab import infer, manage
+from xlab.checkpoint import load_checkpoint
+from xlab.cli import check_hardware, main
+from xlab.fsdp import full_copy, shard
+from xlab.transformer import Transformer, TransformerConfig
+
+STEPS, PEAK_FLOPS = 8, 1e12
+
+
+def fit(tmp_path: Path, name: str, *extra: str, steps: int = STEPS) -> Path:
+    """Two CPU processes, fp32; returns the logger's folder. The schedule spans STEPS however long the run."""
+    args = tiny_args(tmp_path, steps=steps, **{
+        "trainer.accelerator": "cpu", "trainer.devices": 2, "trainer.precision": "32",
+        "trainer.gradient_clip_val": 0.5, "model.schedule.total_steps": STEPS, "model.sample_tokens": 12,
+        "throughput.peak_flops": PEAK_FLOPS, "trainer.logger.init_args.save_dir": tmp_path / name})
+    run_script("xlab.py", "fit", *extra, *args, env={"MASTER_PORT": str(free_port())})
+    return tmp_path / name
+
+
+def events(root: Path) -> list[EventAccumulator]:
+    runs = [EventAccumulator(str(folder)) for folder in sorted(root.glob("version_*"))]
+    for run in runs:
+        run.Reload()
+    return runs
+
+
+def scalars(root: Path, tag: str) -> dict[int, float]:
+    """step -> value of a TensorBoard scalar over every run (version) under root."""
+    return {e.step: e.value for run in events(root) for e in run.Scalars(tag)}
+
+
+def samples(root: Path) -> dict[int, str]:
+    """step -> the validation samples' text (Markdown) over every run under root."""
+    return {e.step: e.tensor_proto.string_val[0].decode() for run in events(root)
+            if "samples/text_summary" in run.Tags()["tensors"] for e in run.Tensors("samples/text_summary")}
+
+
+def test_fsdp_matches_ddp_resumes_and_its_checkpoint_loads(tmp_path, capsys):
+    ddp = fit(tmp_path, "ddp", "--trainer.strategy=ddp")
+    fsdp = fit(tmp_path, "fsdp", "-c", str(ROOT / "conf/extra/fsdp.yaml"), steps=STEPS // 2)
+    half = fsdp / "version_0/checkpoints/last.ckpt"
+    fit(tmp_path, "fsdp", "-c", str(ROOT / "conf/extra/fsdp.yaml"), f"--ckpt_path={half}")
+
+    for tag, rtol, steps in (("train/loss", 1e-4, range(STEPS)), ("train/grad_norm", 1e-4, range(STEPS)),
+                             ("val/loss", 1e-5, range(1, STEPS, 2))):
+        reference, sharded = scalars(ddp, tag), scalars(fsdp, tag)
+        assert sorted(sharded) == sorted(reference) == list(steps), tag
+        for step, value in reference.items():
+            assert abs(sharded[step] - value) <= rtol * abs(value), (tag, step, sharded[step], value)
+    expected_samples = samples(ddp)
+    assert sorted(expected_samples) == [2, 4, 6, 8] and samples(fsdp) == expected_samples
+
+    ckpt = fsdp / "version_1/checkpoints/last.ckpt"
+    sharded, reference = load_checkpoint(ckpt), load_checkpoint(ddp / "version_0/checkpoints/last.ckpt")
+    assert sharded.meta["step"] == STEPS and sharded.meta["tokens_seen"] == reference.meta["tokens_seen"]
+    for name, weight in reference.model.state_dict().items():
+        torch.testing.assert_close(sharded.model.state_dict()[name], weight, rtol=0, atol=1e-5, msg=name)
+
+    # weight decay on every matrix (not on embeddings, norms and biases), as DDP's optimizer has it
+    model = sharded.model
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matrices = [p for p in dict.fromkeys(model.parameters()) if p.dim() == 2 and id(p) not in embeddings]
+    groups = [torch.load(path, weights_only=True)["optimizer_states"][0]["param_groups"]
+              for path in (ckpt, ddp / "version_0/checkpoints/last.ckpt")]
+    assert [[len(g["params"]), g["weight_decay"]] for g in groups[0]] == \
+           [[len(g["params"]), g["weight_decay"]] for g in groups[1]] == \
+           [[len(matrices), 0.1], [len(list(dict.fromkeys(model.parameters()))) - len(matrices), 0.0]]
+
+    # MFU counts the whole model's FLOPs, not one shard's
+    mfu, rate = scalars(fsdp, "perf/mfu"), scalars(fsdp, "perf/tokens_per_s")
+    flops = model.flops_per_token()["total"]
+    for step, value in mfu.items():
+        assert abs(value - flops * rate[step] / (PEAK_FLOPS * 2)) <= 1e-5 * value, step
+
+    # infer.py and manage.py read the sharded run's checkpoint
+    assert infer.main([str(ckpt), "def ", "--greedy", "--max-new-tokens", "5", "--device", "cpu"]) in (0, None)
+    tok = sharded.tokenizer
+    continuation = tok.decode(greedy_reference(model, tok.encode("def "), 5, tok.eos_id, keep_eos=False))
+    assert capsys.readouterr().out == "def " + continuation + "\n"
+    manage.main(["inspect", str(ckpt)])
+    assert "  step: 8\n" in capsys.readouterr().out
+    manage.main(["export-checkpoint", str(ckpt), "--output", str(tmp_path / "exported")])
+    exported = load_checkpoint(tmp_path / "exported")
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(exported.model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
+
+
+def test_sharded_model_evaluates_with_its_current_weights(tmp_path):
+    """A sharded model (one process) evaluated, updated in place as an optimizer step does, and evaluated again
+    computes what an unsharded copy of its new weights computes. FSDP2 gathers each weight into the same storage
+    without bumping its version, so a oneDNN copy of the weight cached by its identity would stay the old one.
+    Evaluation runs without grad, not in inference mode, as Lightning does under gloo and conf/extra/fsdp.yaml."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(TransformerConfig(vocab_size=64, context=16, n_layers=2, d_model=32, n_heads=2))
+        shard(model, init_device_mesh("cpu", (1,)), "32-true")
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        for step in range(2):
+            with torch.no_grad():
+                model(x)
+                model.reshard()  # as a training step's backward pass does (the blocks reshard after forward)
+                for p in model.parameters():
+                    p.mul_(1.5)
+                logits = model(x)
+                torch.testing.assert_close(logits, full_copy(model, torch.device("cpu"))(x), rtol=0, atol=1e-5,
+                                           msg=lambda m, step=step: f"step {step}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_refused_combinations(tmp_path, monkeypatch):
+    """predict under FSDP2 (each process generates for its own prompts, but a sharded forward pass needs every
+    process) and Lightning's FSDP v1 (flat weights) are refused with one line, before any data is prepared."""
+    monkeypatch.setattr(sys, "argv", ["xlab.py"])  # the arguments are main's, not pytest's
+    args = tiny_args(tmp_path, **{"trainer.accelerator": "cpu", "trainer.devices": 2})
+    with pytest.raises(SystemExit, match="^error: predict cannot run sharded.*--trainer.strategy=ddp"):
+        main(["predict", "-c", str(ROOT / "conf/extra/fsdp.yaml"), *args])
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match="FSDP v1.*conf/extra/fsdp.yaml"):  # Lightning allows it on GPUs only
+        check_hardware(SimpleNamespace(strategy=FSDPStrategy()))
