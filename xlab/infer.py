@@ -133,7 +133,7 @@ def reply(model, tokenizer, prompt: str, config, generator, out, echo: bool = Fa
     echo: write the prompt before each continuation (the one-shot command line does; interactive does not)."""
     from xlab.generate import TextStreamer, generate, stream
 
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode_prompt(prompt)
     head = prompt if echo else ""
     if config.strategy != "beam" and config.num_return_sequences == 1:
         streamer = TextStreamer(tokenizer)
@@ -253,7 +253,7 @@ def onnx_responder(args: argparse.Namespace) -> Callable[..., None]:
 
     def respond(prompt: str, echo: bool = False) -> None:
         try:
-            tokens = runner.generate(tokenizer.encode(prompt), args.max_new_tokens, eos_id)
+            tokens = runner.generate(tokenizer.encode_prompt(prompt), args.max_new_tokens, eos_id)
         except ValueError as err:
             raise UsageError(str(err)) from None
         print((prompt if echo else "") + tokenizer.decode([t for t in tokens if t != eos_id]), flush=True)
