@@ -23,6 +23,8 @@ from xlab.checkpoint import load_checkpoint
 from xlab.manage import main
 
 transformers = pytest.importorskip("transformers")
+from transformers.testing_utils import CaptureLogger  # noqa: E402  (only once transformers is known to be there)
+
 assert one_thread  # autouse fixture, imported to apply here
 HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
@@ -49,9 +51,11 @@ def test_export_hf_loads_with_auto_classes_and_matches(tmp_path, tok, preset):
 
     prompt = tok.encode("def add(")
     expected = greedy_reference(model, prompt, 12, tok.eos_id)
-    with torch.no_grad():  # HF's settings come from the exported generation_config.json (eos, greedy)
+    logger = transformers.utils.logging.get_logger("transformers.generation.utils")
+    with torch.no_grad(), CaptureLogger(logger) as log:  # settings from the exported generation_config.json
         generated = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
     assert generated[0, len(prompt):].tolist() == expected and len(expected) > 1
+    assert "max_length" not in log.out, log.out  # max_new_tokens alone sets the length, without a warning
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for text in SAMPLES:  # the last sample spells "<|endoftext|>": text to both, not the special id
