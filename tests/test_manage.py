@@ -103,7 +103,7 @@ def expect_error(capsys, where: Path, *argv, match: str) -> str:
     """Run argv; assert one clear `error:` line mentioning match, and no temporary left in `where`."""
     before = sorted(p.name for p in where.iterdir())
     code, out, err = run(capsys, *argv)
-    assert code != 0, out
+    assert code == 2, (code, out)  # bad input: exit status 2, as infer.py and argparse
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert match in err, err
     assert sorted(p.name for p in where.iterdir()) == before  # nothing new, nothing half-written
@@ -212,8 +212,8 @@ def test_failure_while_writing_leaves_the_old_output_and_no_temporary(tmp_path, 
 
 
 def test_errors_from_the_script_itself(tmp_path, sources):
-    """The real entry point: exit status 1, one line on stderr, no traceback."""
+    """The real entry point: exit status 2, one line on stderr, no traceback."""
     result = run_script("manage.py", "import-hf", sources["exported"], tmp_path / "out", check=False, timeout=120)
-    assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert "config.json is missing" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

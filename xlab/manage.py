@@ -8,6 +8,8 @@
 
 Outputs are written under a temporary name beside the target and renamed when complete: a failed
 or interrupted command leaves nothing behind, and an existing output is kept unless --force.
+Bad input (a missing or unreadable file, an unsupported architecture, an existing output) gives one
+line `error: ...` on stderr and exit status 2, as in infer.py; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, ValueError, OSError) as err:
         # bad input (missing or corrupt files, unsupported architecture, existing output): one line
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted (nothing half-written was left behind)", file=sys.stderr)
         sys.exit(130)
