@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_script
-from test_export import greedy_reference
+from test_export import greedy_reference, one_thread
 
 from xlab.checkpoint import Loaded, export_checkpoint
 from xlab.generate import GenerationConfig, generate, stream
@@ -19,6 +19,7 @@ from xlab.infer import REPLY_END, SAMPLING_DEFAULTS, build_parser, main
 from xlab.tokenizer import Tokenizer
 from xlab.transformer import Transformer, TransformerConfig
 
+assert one_thread  # autouse fixture, imported to apply here (the in-process tests)
 TEXTS = ["hello world, this is a small test", "the quick brown fox jumps over the lazy dog", "héllo wörld ✓"] * 4
 
 
@@ -144,13 +145,15 @@ def test_piped_prompt_that_is_not_utf8_is_decoded_with_replacement(export, capsy
     assert out == "".join(greedy_text(model, tokenizer, p, 10) + "\n" + REPLY_END for p in prompts)
 
 
-def test_piped_replies_end_with_a_marker_that_help_describes(export, capsys):
+def test_piped_replies_end_with_a_marker_that_help_describes(export, capsys, monkeypatch):
     path, model, tokenizer = export
-    result = infer(path, "--greedy", "--max-new-tokens", 12, input="def \nclass \n")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "".join(greedy_text(model, tokenizer, p, 12) + "\n" + REPLY_END for p in ["def ", "class "])
-    help_text = " ".join(infer("--help").stdout.split())
-    assert f"followed by the line {REPLY_END.strip()}" in help_text
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"def \nclass \n"), encoding="utf-8"))
+    code, out, err = run_main(capsys, path, "--greedy", "--max-new-tokens", 12)
+    assert code == 0, err
+    assert out == "".join(greedy_text(model, tokenizer, p, 12) + "\n" + REPLY_END for p in ["def ", "class "])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"followed by the line {REPLY_END.strip()}" in " ".join(capsys.readouterr().out.split())
 
 
 def test_help_shows_every_default_the_parser_uses(capsys):
@@ -167,22 +170,22 @@ def test_help_shows_every_default_the_parser_uses(capsys):
         assert re.search(rf"{flag} [^ ]+ (?:(?! --).)*\(default {value}\)", help_text), flag
 
 
-def test_max_new_tokens_beyond_the_positions_stops_at_the_context(export):
+def test_max_new_tokens_beyond_the_positions_stops_at_the_context(export, capsys):
     """Learned positions end at the context (64): a huge --max-new-tokens gives what fits, with the
     warning, instead of allocating for two billion tokens."""
     path, model, tokenizer = export
     prompt = tokenizer.encode("hello world")
     fits = model.config.context - len(prompt) + 1  # the last token is predicted at position context - 1
-    result = infer(path, "hello world", "--greedy", "--max-new-tokens", 2_000_000_000)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "hello world" + greedy_text(model, tokenizer, "hello world", fits) + "\n"
-    assert result.stderr.startswith("warning: stopped at the context of 64 tokens"), result.stderr
-    beam = infer(path, "hello world", "--beam-width", 2, "--max-new-tokens", 2_000_000_000)
-    assert beam.returncode == 0, beam.stderr
+    code, out, err = run_main(capsys, path, "hello world", "--greedy", "--max-new-tokens", 2_000_000_000)
+    assert code == 0, err
+    assert out == "hello world" + greedy_text(model, tokenizer, "hello world", fits) + "\n"
+    assert err.startswith("warning: stopped at the context of 64 tokens"), err
+    code, out, err = run_main(capsys, path, "hello world", "--beam-width", 2, "--max-new-tokens", 2_000_000_000)
+    assert code == 0, err
     config = GenerationConfig(strategy="beam", num_beams=2, max_new_tokens=fits, eos_id=tokenizer.eos_id,
                               pad_id=tokenizer.pad_id)
     [[best]] = generate(model, [prompt], config)
-    assert beam.stdout == "hello world" + tokenizer.decode(best.tokens) + "\n"
+    assert out == "hello world" + tokenizer.decode(best.tokens) + "\n"
 
 
 def test_unbounded_max_new_tokens_with_sliding_positions_streams(export):
