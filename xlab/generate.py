@@ -449,8 +449,9 @@ def _beam_search(dec: _Decoder, config: GenerationConfig) -> list[list[Completio
             gen = dec.generated().view(B, K, -1)  # (B, K, step): the running beams' tokens so far
             cand = torch.cat([gen.gather(1, beam[:, :K, None].expand(-1, -1, step)), tokens[:, :K, None]], dim=2)
             keep = torch.cat([pool_score, scores], dim=1).topk(K, dim=1).indices  # (B, K) of 2K
-            if length > pool_tokens.shape[2]:  # the decoder's room grew (sliding positions)
-                pool_tokens = _widen(pool_tokens.view(B * K, -1), config.pad_id).view(B, K, -1)
+            if length > pool_tokens.shape[2]:  # the decoder's room grew (sliding positions): as wide again
+                grow = dec.seq.shape[1] - dec.P - pool_tokens.shape[2]
+                pool_tokens = torch.nn.functional.pad(pool_tokens, (0, grow), value=config.pad_id)
             pool_tokens[:, :, :length] = torch.cat([pool_tokens[:, :, :length], cand], 1).gather(
                 1, keep[:, :, None].expand(-1, -1, length))
             pool_score = torch.cat([pool_score, scores], 1).gather(1, keep)
