@@ -206,3 +206,10 @@ def test_unbounded_max_new_tokens_with_sliding_positions_streams(export):
         # beam search's finished pool grows with the decoder; a beam of width 1 is greedy search
         [[beam]] = generate(model, [prompt], GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=n))
     assert streamed == ids[len(prompt):] == beam.tokens
+    # a left-padded batch (its padding mask grows too): each row as when generated alone, without padding
+    prompts = [prompt, tokenizer.encode("héllo wörld ✓ and more")]
+    config = GenerationConfig(strategy="greedy", max_new_tokens=n)
+    with pytest.warns(UserWarning, match="sliding the window"):
+        batch = generate(model, prompts, config)
+        alone = [generate(model, [p], config)[0] for p in prompts]
+    assert batch == alone

@@ -250,9 +250,10 @@ class _Decoder:
     def append(self, tokens: Tensor) -> None:
         """Record the tokens (R,) chosen for the next column."""
         if self.end == self.seq.shape[1]:  # sliding positions only: double the room (new columns are real)
-            self.seq = _widen(self.seq, self.pad_id)
-            if self.real is not None:
-                self.real, self.key_mask = _widen(self.real, True), _widen(self.key_mask, True)
+            more = self.seq.shape[1]
+            self.seq = _widen(self.seq, more, self.pad_id)
+            if self.real is not None:  # key_mask (columns start: of real) needs as many more as real
+                self.real, self.key_mask = _widen(self.real, more, True), _widen(self.key_mask, more, True)
         self.seq[:, self.end] = tokens
         self.end += 1
 
@@ -307,9 +308,9 @@ class _Decoder:
         return self.seq[:, self.P:self.end]
 
 
-def _widen(t: Tensor, fill: int | bool) -> Tensor:
-    """t (R, W) -> (R, 2W), the new columns set to fill."""
-    return torch.cat([t, torch.full_like(t, fill)], dim=1)
+def _widen(t: Tensor, more: int, fill: int | bool) -> Tensor:
+    """t (R, W) -> (R, W + more), the new columns set to fill."""
+    return torch.cat([t, t.new_full((t.shape[0], more), fill)], dim=1)
 
 
 def _seen_tokens(dec: _Decoder, vocab_size: int) -> Tensor:
