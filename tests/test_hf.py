@@ -23,6 +23,8 @@ from xlab.checkpoint import load_checkpoint
 from xlab.manage import main
 
 transformers = pytest.importorskip("transformers")
+from transformers.testing_utils import CaptureLogger  # noqa: E402  (only once transformers is known to be there)
+
 assert one_thread  # autouse fixture, imported to apply here
 HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
@@ -49,9 +51,11 @@ def test_export_hf_loads_with_auto_classes_and_matches(tmp_path, tok, preset):
 
     prompt = tok.encode("def add(")
     expected = greedy_reference(model, prompt, 12, tok.eos_id)
-    with torch.no_grad():  # HF's settings come from the exported generation_config.json (eos, greedy)
+    logger = transformers.utils.logging.get_logger("transformers.generation.utils")
+    with torch.no_grad(), CaptureLogger(logger) as log:  # settings from the exported generation_config.json
         generated = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
     assert generated[0, len(prompt):].tolist() == expected and len(expected) > 1
+    assert "max_length" not in log.out, log.out  # max_new_tokens alone sets the length, without a warning
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for text in SAMPLES:  # the last sample spells "<|endoftext|>": text to both, not the special id
@@ -114,3 +118,49 @@ def test_import_llama_gqa_bf16_with_sentencepiece_style_special_tokens(tmp_path,
         assert xtok.encode(text) == hf_tok(text, add_special_tokens=False).input_ids, text
     meta = json.loads((tmp_path / "xlab" / "xlab.json").read_text())
     assert meta["renamed_tokens"] == {"</s>": "<|endoftext|>", "<s>": "<|bos|>"}
+
+
+def test_imported_llama_prompts_start_with_bos_as_transformers_tokenizer_does(tmp_path, capsys):
+    """Llama's tokenizers put <s> before the text (a TemplateProcessing post-processor): an imported model is
+    prompted with it, as transformers' own tokenizer and generate() prompt the original."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, processors, trainers
+
+    from xlab.hf import tokenizer_from_hf
+    from xlab.infer import main as infer
+
+    raw = raw_tokenizer(["<unk>", "<s>", "</s>"])  # Llama 3 style: byte-level BPE, <s> added by the template
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    config = transformers.LlamaConfig(vocab_size=raw.get_vocab_size(), hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
+    src = tmp_path / "llama"
+    hf = randomize(transformers.LlamaForCausalLM(config), seed=6).eval()
+    hf.save_pretrained(src)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(src)
+    main(["import-hf", str(src), str(tmp_path / "xlab")])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    prompt = "def add("
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    assert ids[0, 0] == 1
+    with torch.no_grad():
+        new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    new = new[0, ids.shape[1]:]
+    capsys.readouterr()
+    assert infer([str(tmp_path / "xlab"), prompt, "--greedy", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == prompt + hf_tok.decode(new.tolist()) + "\n"
+    assert load_checkpoint(tmp_path / "xlab").tokenizer.encode_prompt(prompt) == ids[0].tolist()
+
+    # Llama 2 style (SentencePiece BPE, as transformers' LlamaTokenizer builds it with add_bos_token)
+    sp = HFTokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.train_from_iterator(SAMPLES * 3, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                            show_progress=False))
+    model = json.loads(sp.to_str())["model"]
+    transformers.LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                                add_bos_token=True).save_pretrained(tmp_path / "llama2")
+    llama2 = transformers.AutoTokenizer.from_pretrained(tmp_path / "llama2")
+    xtok, _ = tokenizer_from_hf(tmp_path / "llama2")
+    for text in SAMPLES:
+        assert xtok.encode_prompt(text) == llama2(text).input_ids and llama2(text).input_ids[0] == 1, text

@@ -3,19 +3,23 @@ against a full-forward greedy loop, its errors (one line, exit status 2) and its
 
 from __future__ import annotations
 
+import io
+import itertools
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_script
-from test_export import greedy_reference
+from test_export import greedy_reference, one_thread
 
 from xlab.checkpoint import Loaded, export_checkpoint
-from xlab.generate import GenerationConfig, generate
-from xlab.infer import main
+from xlab.generate import GenerationConfig, generate, stream
+from xlab.infer import REPLY_END, SAMPLING_DEFAULTS, build_parser, main
 from xlab.tokenizer import Tokenizer
 from xlab.transformer import Transformer, TransformerConfig
 
+assert one_thread  # autouse fixture, imported to apply here (the in-process tests)
 TEXTS = ["hello world, this is a small test", "the quick brown fox jumps over the lazy dog", "héllo wörld ✓"] * 4
 
 
@@ -50,8 +54,8 @@ def test_interactive_mode_replies_to_each_line_until_eof(export):
     path, model, tokenizer = export
     result = infer(path, "--greedy", "--max-new-tokens", 12, input="the quick\n\nhéllo\n")
     assert result.returncode == 0, result.stderr
-    # the empty line is skipped: one reply per prompt, in order
-    expected = "".join(greedy_text(model, tokenizer, p, 12) + "\n" for p in ["the quick", "héllo"])
+    # the empty line is skipped: one reply per prompt, in order, each followed by the marker (stdin is piped)
+    expected = "".join(greedy_text(model, tokenizer, p, 12) + "\n" + REPLY_END for p in ["the quick", "héllo"])
     assert result.stdout == expected
 
 
@@ -112,3 +116,100 @@ def test_missing_checkpoint_and_mismatched_tokenizer(export, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "does not belong" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of infer.py's entry point called in this process."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_beam_width_1_is_greedy_search(export, capsys):
+    path, model, tokenizer = export
+    code, out, err = run_main(capsys, path, "the quick", "--beam-width", 1, "--max-new-tokens", 20)
+    assert code == 0, err
+    assert out == "the quick" + greedy_text(model, tokenizer, "the quick", 20) + "\n"
+    code, _, err = run_main(capsys, path, "the", "--beam-width", 1, "--temperature", 0.7)
+    assert code == 2 and err == "error: --temperature only applies to sampling, not with --beam-width 1\n"
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # Python's stdin: UTF-8 locale, C/POSIX locale
+def test_piped_prompt_that_is_not_utf8_is_decoded_with_replacement(export, capsys, monkeypatch, errors):
+    path, model, tokenizer = export
+    data = b"h\xe9llo \xff world\nthe quick\n"  # Latin-1 bytes on the first line
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors))
+    code, out, err = run_main(capsys, path, "--greedy", "--max-new-tokens", 10)
+    assert code == 0, err
+    prompts = [data.splitlines()[0].decode("utf-8", errors="replace"), "the quick"]
+    assert out == "".join(greedy_text(model, tokenizer, p, 10) + "\n" + REPLY_END for p in prompts)
+
+
+def test_piped_replies_end_with_a_marker_that_help_describes(export, capsys, monkeypatch):
+    path, model, tokenizer = export
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"def \nclass \n"), encoding="utf-8"))
+    code, out, err = run_main(capsys, path, "--greedy", "--max-new-tokens", 12)
+    assert code == 0, err
+    assert out == "".join(greedy_text(model, tokenizer, p, 12) + "\n" + REPLY_END for p in ["def ", "class "])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"followed by the line {REPLY_END.strip()}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_every_default_the_parser_uses(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split()).split(" options: ")[1]  # past the usage line
+    parser = build_parser()
+    for flag, value in [("--max-new-tokens", parser.get_default("max_new_tokens")),
+                        ("--temperature", SAMPLING_DEFAULTS["temperature"]), ("--top-k", SAMPLING_DEFAULTS["top_k"]),
+                        ("--repetition-penalty", parser.get_default("repetition_penalty")),
+                        ("--num-samples", parser.get_default("num_samples")),
+                        ("--device", parser.get_default("device")), ("--backend", parser.get_default("backend"))]:
+        # the flag, its metavar, then "(default ...)" before the next flag's help begins
+        assert re.search(rf"{flag} [^ ]+ (?:(?! --).)*\(default {value}\)", help_text), flag
+
+
+def test_max_new_tokens_beyond_the_positions_stops_at_the_context(export, capsys):
+    """Learned positions end at the context (64): a huge --max-new-tokens gives what fits, with the
+    warning, instead of allocating for two billion tokens."""
+    path, model, tokenizer = export
+    prompt = tokenizer.encode("hello world")
+    fits = model.config.context - len(prompt) + 1  # the last token is predicted at position context - 1
+    code, out, err = run_main(capsys, path, "hello world", "--greedy", "--max-new-tokens", 2_000_000_000)
+    assert code == 0, err
+    assert out == "hello world" + greedy_text(model, tokenizer, "hello world", fits) + "\n"
+    assert err.startswith("warning: stopped at the context of 64 tokens"), err
+    code, out, err = run_main(capsys, path, "hello world", "--beam-width", 2, "--max-new-tokens", 2_000_000_000)
+    assert code == 0, err
+    config = GenerationConfig(strategy="beam", num_beams=2, max_new_tokens=fits, eos_id=tokenizer.eos_id,
+                              pad_id=tokenizer.pad_id)
+    [[best]] = generate(model, [prompt], config)
+    assert out == "hello world" + tokenizer.decode(best.tokens) + "\n"
+
+
+def test_unbounded_max_new_tokens_with_sliding_positions_streams(export):
+    """RoPE slides past the context: a huge max_new_tokens streams (memory grows with what is generated)."""
+    tokenizer = export[2]
+    torch.manual_seed(1)
+    model = Transformer(TransformerConfig(vocab_size=tokenizer.vocab_size, context=16, n_layers=1, n_heads=2,
+                                          d_model=32, position="rope", init_std=0.2)).eval()
+    prompt = tokenizer.encode("the quick")
+    n = 70  # several times the context, and past the first allocation
+    ids = list(prompt)
+    with torch.no_grad():  # the reference: a full forward over the last `context` tokens per step
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids[-model.config.context:]]))[0, -1].argmax()))
+    huge = GenerationConfig(strategy="greedy", max_new_tokens=2_000_000_000)  # no eos: only the length stops it
+    with pytest.warns(UserWarning, match="sliding the window"):
+        streamed = list(itertools.islice(stream(model, prompt, huge), n))
+        # beam search's finished pool grows with the decoder; a beam of width 1 is greedy search
+        [[beam]] = generate(model, [prompt], GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=n))
+    assert streamed == ids[len(prompt):] == beam.tokens
+    # a left-padded batch (its padding mask grows too): each row as when generated alone, without padding
+    prompts = [prompt, tokenizer.encode("héllo wörld ✓ and more")]
+    config = GenerationConfig(strategy="greedy", max_new_tokens=n)
+    with pytest.warns(UserWarning, match="sliding the window"):
+        batch = generate(model, prompts, config)
+        alone = [generate(model, [p], config)[0] for p in prompts]
+    assert batch == alone

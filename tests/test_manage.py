@@ -76,11 +76,34 @@ def test_inspect_training_checkpoint_and_export(tmp_path, tok, capsys):
             assert f"{f.name}: " in out and f"({f.stat().st_size:,} bytes)" in out
 
 
+def test_inspect_onnx_describes_the_graph_as_onnxruntime_sees_it(tmp_path, tok, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    make_training_checkpoint(tmp_path / "run.ckpt", tiny_config("llama", tok.vocab_size), tok)
+    for kv_cache in (True, False):
+        path = tmp_path / f"model{int(kv_cache)}.onnx"
+        run(capsys, "export-onnx", tmp_path / "run.ckpt", path, *(["--kv-cache"] if kv_cache else []), "--opset", 18)
+        code, out, err = run(capsys, "inspect", path)
+        assert code == 0, err
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        expected = [f"{path} (ONNX graph)", "opset: 18", f"KV cache: {'yes' if kv_cache else 'no'}",
+                    "n_layers: 2", "position: rope", "vocab size: 300", f"({path.stat().st_size:,} bytes)"]
+        for arg in (*session.get_inputs(), *session.get_outputs()):  # e.g. "past_k: float32 (2, batch, 2, past, 8)"
+            dtype = arg.type.removeprefix("tensor(").removesuffix(")").replace("float", "float32")
+            expected.append(f"{arg.name}: {dtype} ({', '.join(map(str, arg.shape))})")
+        for line in expected:
+            assert line in out, (line, out)
+    (tmp_path / "bad.onnx").write_text("not a graph")
+    expect_error(capsys, tmp_path, "inspect", tmp_path / "bad.onnx", match="cannot read ONNX file")
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+    err = expect_error(capsys, tmp_path, "inspect", tmp_path / "weights.bin", match="cannot read checkpoint")
+    assert "inspect reads a training checkpoint (.ckpt), an exported folder or an .onnx file" in err
+
+
 def expect_error(capsys, where: Path, *argv, match: str) -> str:
     """Run argv; assert one clear `error:` line mentioning match, and no temporary left in `where`."""
     before = sorted(p.name for p in where.iterdir())
     code, out, err = run(capsys, *argv)
-    assert code != 0, out
+    assert code == 2, (code, out)  # bad input: exit status 2, as infer.py and argparse
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert match in err, err
     assert sorted(p.name for p in where.iterdir()) == before  # nothing new, nothing half-written
@@ -189,8 +212,8 @@ def test_failure_while_writing_leaves_the_old_output_and_no_temporary(tmp_path, 
 
 
 def test_errors_from_the_script_itself(tmp_path, sources):
-    """The real entry point: exit status 1, one line on stderr, no traceback."""
+    """The real entry point: exit status 2, one line on stderr, no traceback."""
     result = run_script("manage.py", "import-hf", sources["exported"], tmp_path / "out", check=False, timeout=120)
-    assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert "config.json is missing" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

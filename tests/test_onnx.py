@@ -94,11 +94,26 @@ def test_greedy_in_onnxruntime_equals_pytorch_greedy(tmp_path, tok, preset):
         stop = expected[0][2]
         stopped = [greedy_reference(model, p, 15, stop) for p in prompts]
         assert stopped[0] == expected[0][:3] and runner.generate(prompts, 15, stop) == stopped
-    # the context (32) bounds the sequence; a longer prompt is refused
-    long_prompt = list(np.random.default_rng(0).integers(3, tok.vocab_size, 30))
-    assert runner.generate(long_prompt, 10) == greedy_reference(model, long_prompt, 2, eos_id=-1)
-    with pytest.raises(ValueError, match="exceeds the model's context of 32"):
-        runner.generate(long_prompt * 2, 1)
+    with pytest.raises(ValueError, match="exceeds the model's context of 32"):  # a longer prompt is refused
+        runner.generate(prompts[0] * 9, 1)
+
+
+def test_greedy_at_the_context_limit_gives_the_tokens_torch_gives(tmp_path, tok):
+    """Learned positions end at the context (32): the last new token is predicted at position 31, so a
+    prompt of 30 tokens gets 3, in onnxruntime as in generate.py and a full forward per token."""
+    from xlab.generate import GenerationConfig, generate
+    from xlab.onnx import OnnxGreedy
+
+    model = make_training_checkpoint(tmp_path / "run.ckpt", tiny_config("gpt2", tok.vocab_size), tok, seed=7)
+    main(["export-onnx", str(tmp_path / "run.ckpt"), str(tmp_path / "kv.onnx"), "--kv-cache"])
+    main(["export-onnx", str(tmp_path / "run.ckpt"), str(tmp_path / "plain.onnx")])
+    for length in (30, 32):
+        prompt = [int(t) for t in np.random.default_rng(length).integers(3, tok.vocab_size, length)]
+        with pytest.warns(UserWarning, match="stopped at the context of 32"):
+            [[torch_greedy]] = generate(model, [prompt], GenerationConfig(strategy="greedy", max_new_tokens=10))
+        assert torch_greedy.tokens == greedy_reference(model, prompt, 32 - length + 1, eos_id=-1)
+        for graph in ("kv.onnx", "plain.onnx"):
+            assert OnnxGreedy(tmp_path / graph, threads=1).generate(prompt, 10) == torch_greedy.tokens, (graph, length)
 
 
 def test_opset_is_the_one_asked_for(tmp_path, tok):

@@ -204,16 +204,20 @@ class _Decoder:
         dtype, device = _model_dtype_device(model)
         lengths = [len(p) for p in prompts]
         self.P, N = max(lengths), config.max_new_tokens
-        self.seq = torch.tensor([[config.pad_id] * (self.P - len(p)) + p + [config.pad_id] * N for p in prompts],
+        self.can_slide = arch.position in SLIDING_POSITIONS
+        # room for the new tokens: all that fit before the context when the positions cannot slide, else
+        # a context's worth that `append` doubles as needed (max_new_tokens may be far more than is generated)
+        room = min(N, arch.context if self.can_slide else arch.context - self.P + 1)
+        self.pad_id = config.pad_id
+        self.seq = torch.tensor([[config.pad_id] * (self.P - len(p)) + p + [config.pad_id] * room for p in prompts],
                                 device=device)
         self.end = self.P
         self.real = None
         if min(lengths) < self.P:
             pad = torch.tensor([self.P - n for n in lengths], device=device)
-            self.real = torch.arange(self.P + N, device=device)[None, :] >= pad[:, None]
+            self.real = torch.arange(self.P + room, device=device)[None, :] >= pad[:, None]
         # every token but the last one generated passes through the cache
         self.cache = KVCache(arch, len(prompts), min(arch.context, self.P + N - 1), device=device, dtype=dtype)
-        self.can_slide = arch.position in SLIDING_POSITIONS
         self.warned = False
 
     def at_limit(self) -> bool:
@@ -245,6 +249,11 @@ class _Decoder:
 
     def append(self, tokens: Tensor) -> None:
         """Record the tokens (R,) chosen for the next column."""
+        if self.end == self.seq.shape[1]:  # sliding positions only: double the room (new columns are real)
+            more = self.seq.shape[1]
+            self.seq = _widen(self.seq, more, self.pad_id)
+            if self.real is not None:  # key_mask (columns start: of real) needs as many more as real
+                self.real, self.key_mask = _widen(self.real, more, True), _widen(self.key_mask, more, True)
         self.seq[:, self.end] = tokens
         self.end += 1
 
@@ -297,6 +306,11 @@ class _Decoder:
     def generated(self) -> Tensor:
         """The new tokens so far, (R, end - P)."""
         return self.seq[:, self.P:self.end]
+
+
+def _widen(t: Tensor, more: int, fill: int | bool) -> Tensor:
+    """t (R, W) -> (R, W + more), the new columns set to fill."""
+    return torch.cat([t, t.new_full((t.shape[0], more), fill)], dim=1)
 
 
 def _seen_tokens(dec: _Decoder, vocab_size: int) -> Tensor:
@@ -411,7 +425,7 @@ def _beam_search(dec: _Decoder, config: GenerationConfig) -> list[list[Completio
     running[:, 0] = 0.0
     row_offset = torch.arange(B, device=device)[:, None] * K
     # the pool of finished hypotheses: generated tokens, score, log-prob, length, ended by eos
-    pool_tokens = torch.full((B, K, N), config.pad_id, dtype=torch.long, device=device)
+    pool_tokens = torch.full((B, K, dec.seq.shape[1] - dec.P), config.pad_id, dtype=torch.long, device=device)
     pool_score = torch.full((B, K), neg_inf, device=device)
     pool_logprob = torch.full((B, K), neg_inf, device=device)
     pool_len = torch.zeros((B, K), dtype=torch.long, device=device)
@@ -436,6 +450,9 @@ def _beam_search(dec: _Decoder, config: GenerationConfig) -> list[list[Completio
             gen = dec.generated().view(B, K, -1)  # (B, K, step): the running beams' tokens so far
             cand = torch.cat([gen.gather(1, beam[:, :K, None].expand(-1, -1, step)), tokens[:, :K, None]], dim=2)
             keep = torch.cat([pool_score, scores], dim=1).topk(K, dim=1).indices  # (B, K) of 2K
+            if length > pool_tokens.shape[2]:  # the decoder's room grew (sliding positions): as wide again
+                grow = dec.seq.shape[1] - dec.P - pool_tokens.shape[2]
+                pool_tokens = torch.nn.functional.pad(pool_tokens, (0, grow), value=config.pad_id)
             pool_tokens[:, :, :length] = torch.cat([pool_tokens[:, :, :length], cand], 1).gather(
                 1, keep[:, :, None].expand(-1, -1, length))
             pool_score = torch.cat([pool_score, scores], 1).gather(1, keep)

@@ -78,7 +78,8 @@ def export_hf(loaded: Loaded, output: str | Path, force: bool = False, dtype: to
             raise CheckpointError(f"internal error: weights do not fit {type(model).__name__}: {result}")
         if config.tie_embeddings:
             model.tie_weights()  # assign=True replaced the shared parameter with two tensors
-        model.generation_config = transformers.GenerationConfig(**ids, do_sample=False, max_length=config.context)
+        # no max_length: generate(max_new_tokens=...) is how transformers sets the length, and warns when both are set
+        model.generation_config = transformers.GenerationConfig(**ids, do_sample=False)
         bar = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()  # a bar for one small file is noise
         try:

@@ -1,10 +1,11 @@
 """`./infer.py CKPT "PROMPT"`: generate text from a training checkpoint or an exported one.
 
 It prints the prompt followed by its continuation. Sampling is the default (temperature 0.8,
-top-k 50); --greedy and --beam-width N pick the other strategies. Options that do not apply to the
-chosen strategy are an error. Without a prompt it reads prompts from stdin, one per line, and
-streams a reply to each until end of input (Ctrl-D). A file from `manage.py export-onnx` runs
-greedily in onnxruntime (`--backend onnx`, the default for a .onnx path).
+top-k 50); --greedy (or --beam-width 1) and --beam-width N > 1 pick the other strategies. Options
+that do not apply to the chosen strategy are an error. Without a prompt it reads prompts from stdin,
+one per line, and streams a reply to each until end of input (Ctrl-D); when stdin is piped rather
+than a terminal, each reply is followed by the line --- end of reply ---. A file from
+`manage.py export-onnx` runs greedily in onnxruntime (`--backend onnx`, the default for a .onnx path).
 Bad input gives one line `error: ...` on stderr and exit status 2.
 
     ./infer.py exports/model "Once upon a time" --max-new-tokens 100
@@ -24,6 +25,7 @@ from collections.abc import Callable
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 50}
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+REPLY_END = "--- end of reply ---\n"  # piped mode: the line after each reply
 
 
 class UsageError(Exception):
@@ -40,24 +42,30 @@ def build_parser() -> Parser:
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("checkpoint", help="a training checkpoint (.ckpt), an exported folder, or an .onnx file")
     p.add_argument("prompt", nargs="?", help="text to continue; without it, read prompts from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="at most this many; learned positions stop at the context (default %(default)s)")
     strategy = p.add_argument_group("strategy (default: sampling)")
     strategy.add_argument("--greedy", action="store_true", help="greedy search")
-    strategy.add_argument("--beam-width", type=int, default=1, help="> 1: beam search of this width")
+    strategy.add_argument("--beam-width", type=int, help="beam search of this width (1: greedy search)")
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=float, help=f"default {SAMPLING_DEFAULTS['temperature']}")
-    sampling.add_argument("--top-k", type=int, help=f"default {SAMPLING_DEFAULTS['top_k']}")
+    sampling.add_argument("--temperature", type=float, help=f"(default {SAMPLING_DEFAULTS['temperature']})")
+    sampling.add_argument("--top-k", type=int, help=f"(default {SAMPLING_DEFAULTS['top_k']})")
     sampling.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
     sampling.add_argument("--min-p", type=float, help="in [0, 1], relative to the most probable token")
     sampling.add_argument("--seed", type=int, help="the same seed gives the same text (on the same device)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (any strategy)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages repeats, any strategy (default %(default)s)")
     p.add_argument("--length-penalty", type=float, help="beam search: score = logprob / length**this (default 1)")
-    p.add_argument("--num-samples", type=int, default=1, help="sampling: independent samples; beam: the n best")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="sampling: independent samples; beam: the n best (default %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available (default %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU (default %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) replacing the checkpoint's own")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="onnx: run an exported ONNX file in onnxruntime, greedy only (auto: onnx for a .onnx path)")
+                   help="onnx: run an exported ONNX file in onnxruntime, greedy only; auto: onnx for a .onnx path "
+                        "(default %(default)s)")
     return p
 
 
@@ -65,17 +73,19 @@ def generation_config(args: argparse.Namespace, tokenizer):
     """The GenerationConfig the flags ask for; UsageError for flags that do not fit the strategy."""
     from xlab.generate import GenerationConfig
 
-    if args.greedy and args.beam_width != 1:
+    beam_width = 1 if args.beam_width is None else args.beam_width
+    if args.greedy and beam_width != 1:
         raise UsageError("--greedy and --beam-width > 1 are two different strategies: choose one")
-    if args.beam_width < 1:
-        raise UsageError(f"--beam-width must be >= 1, got {args.beam_width}")
-    strategy = "beam" if args.beam_width > 1 else "greedy" if args.greedy else "sample"
+    if beam_width < 1:
+        raise UsageError(f"--beam-width must be >= 1, got {beam_width}")
+    # a beam of width 1 keeps the most probable token at each step: greedy search
+    strategy = "beam" if beam_width > 1 else "greedy" if args.greedy or args.beam_width == 1 else "sample"
     given = {name: getattr(args, name) for name in SAMPLING_ONLY if getattr(args, name) is not None}
     if strategy != "sample":
         misplaced = [f"--{name.replace('_', '-')}" for name in given] + (["--seed"] if args.seed is not None else [])
         verb = "applies" if len(misplaced) == 1 else "apply"
         if misplaced:
-            flag = "--greedy" if strategy == "greedy" else "--beam-width > 1"
+            flag = "--greedy" if args.greedy else "--beam-width 1" if beam_width == 1 else "--beam-width > 1"
             raise UsageError(f"{', '.join(misplaced)} only {verb} to sampling, not with {flag}")
     if args.length_penalty is not None and strategy != "beam":
         raise UsageError("--length-penalty only applies to beam search (--beam-width > 1)")
@@ -87,7 +97,7 @@ def generation_config(args: argparse.Namespace, tokenizer):
     if strategy == "sample":
         fields |= SAMPLING_DEFAULTS | given
     if strategy == "beam":
-        fields |= {"num_beams": args.beam_width, "length_penalty": 1.0 if args.length_penalty is None
+        fields |= {"num_beams": beam_width, "length_penalty": 1.0 if args.length_penalty is None
                    else args.length_penalty}
     try:
         return GenerationConfig(**fields)
@@ -123,7 +133,7 @@ def reply(model, tokenizer, prompt: str, config, generator, out, echo: bool = Fa
     echo: write the prompt before each continuation (the one-shot command line does; interactive does not)."""
     from xlab.generate import TextStreamer, generate, stream
 
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode_prompt(prompt)
     head = prompt if echo else ""
     if config.strategy != "beam" and config.num_return_sequences == 1:
         streamer = TextStreamer(tokenizer)
@@ -145,8 +155,11 @@ def reply(model, tokenizer, prompt: str, config, generator, out, echo: bool = Fa
 
 
 def interactive(respond: Callable[[str], None]) -> None:
-    """Read prompts from stdin, one per line, passing each to `respond`, until end of input."""
+    """Read prompts from stdin, one per line, passing each to `respond`, until end of input.
+    Piped (stdin not a terminal), each reply is followed by REPLY_END, so replies that span lines stay apart."""
     tty = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # a text stream over bytes: a line that is not UTF-8 gets U+FFFD
+        sys.stdin.reconfigure(errors="replace")
     if tty:
         print("Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -160,6 +173,9 @@ def interactive(respond: Callable[[str], None]) -> None:
         prompt = line.rstrip("\r\n")
         if prompt.strip():
             respond(prompt)
+            if not tty:
+                sys.stdout.write(REPLY_END)
+                sys.stdout.flush()
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -237,7 +253,7 @@ def onnx_responder(args: argparse.Namespace) -> Callable[..., None]:
 
     def respond(prompt: str, echo: bool = False) -> None:
         try:
-            tokens = runner.generate(tokenizer.encode(prompt), args.max_new_tokens, eos_id)
+            tokens = runner.generate(tokenizer.encode_prompt(prompt), args.max_new_tokens, eos_id)
         except ValueError as err:
             raise UsageError(str(err)) from None
         print((prompt if echo else "") + tokenizer.decode([t for t in tokens if t != eos_id]), flush=True)

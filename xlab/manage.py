@@ -8,6 +8,8 @@
 
 Outputs are written under a temporary name beside the target and renamed when complete: a failed
 or interrupted command leaves nothing behind, and an existing output is kept unless --force.
+Bad input (a missing or unreadable file, an unsupported architecture, an existing output) gives one
+line `error: ...` on stderr and exit status 2, as in infer.py; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -80,10 +82,61 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
+def _files(files: list[Path]) -> list[str]:
+    """The `files:` section: each file's size, and their total when there are several."""
+    lines = ["files:"] + [f"  {f.name}: {_size(f.stat().st_size)} ({f.stat().st_size:,} bytes)" for f in files]
+    if len(files) > 1:
+        total = sum(f.stat().st_size for f in files)
+        lines.append(f"  total: {_size(total)} ({total:,} bytes)")
+    return lines
+
+
+def describe_onnx(path: Path) -> str:
+    """What `inspect` prints for an ONNX file: inputs, outputs, opset, KV cache, architecture, tokenizer, files."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)  # the graph only: weights may be gigabytes
+    except Exception as err:  # protobuf's DecodeError: not an ONNX file
+        raise CheckpointError(f"cannot read ONNX file {path}: {str(err).strip()}") from None
+
+    def describe_value(value) -> str:  # "past_k: float32 (2, batch, 2, past, 8)"
+        tensor = value.type.tensor_type
+        dims = ", ".join(d.dim_param or str(d.dim_value) for d in tensor.shape.dim)
+        return f"  {value.name}: {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} ({dims})"
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    opset = {o.domain: o.version for o in model.opset_import}.get("", "unknown")
+    kv_cache = {i.name for i in inputs} >= {"past_k", "past_v"}
+    lines = [f"{path} (ONNX graph)", "inputs:", *map(describe_value, inputs), "outputs:",
+             *map(describe_value, model.graph.output), f"opset: {opset}", f"KV cache: {'yes' if kv_cache else 'no'}"]
+    if "xlab.arch" in meta:
+        lines += ["architecture:"] + [f"  {k}: {v}" for k, v in json.loads(meta["xlab.arch"]).items()]
+    else:
+        lines.append("architecture: unknown (not exported by XLab: no xlab.arch metadata)")
+    if meta.get("xlab.tokenizer"):
+        from xlab.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_str(meta["xlab.tokenizer"])
+        lines += ["tokenizer:", f"  vocab size: {tok.vocab_size:,}",
+                  f"  eos {tok.hf.id_to_token(tok.eos_id)!r} = {tok.eos_id}"]
+    external = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    return "\n".join(lines + _files([path] + [path.parent / name for name in external]))
+
+
 def describe(path: str | Path) -> str:
     """What `inspect` prints: architecture, parameters, training state, tokenizer, files."""
     path = Path(path)
-    loaded = load_checkpoint(path)
+    if path.is_file() and path.suffix == ".onnx":
+        return describe_onnx(path)
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as err:
+        if not path.is_file():
+            raise
+        raise CheckpointError(f"{err} (inspect reads a training checkpoint (.ckpt), an exported folder "
+                              "or an .onnx file)") from None
     model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     config = model.config
     kind = "exported folder" if path.is_dir() else "training checkpoint"
@@ -105,16 +158,12 @@ def describe(path: str | Path) -> str:
               "  special tokens: " + ", ".join(f"{role} {tok.hf.id_to_token(i)!r} = {i}"
                                               for role, i in specials.items())]
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    lines.append("files:")
-    lines += [f"  {f.name}: {_size(f.stat().st_size)} ({f.stat().st_size:,} bytes)" for f in files]
-    if len(files) > 1:
-        total = sum(f.stat().st_size for f in files)
-        lines.append(f"  total: {_size(total)} ({total:,} bytes)")
-    return "\n".join(lines)
+    return "\n".join(lines + _files(files))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    """Architecture, parameter counts, training step, tokens seen, validation loss, tokenizer, file sizes."""
+    """Architecture, parameter counts, training step, tokens seen, validation loss, tokenizer, file sizes; for an
+    .onnx file its inputs, outputs, opset and KV cache."""
     print(describe(args.ckpt))
 
 
@@ -173,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, ValueError, OSError) as err:
         # bad input (missing or corrupt files, unsupported architecture, existing output): one line
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted (nothing half-written was left behind)", file=sys.stderr)
         sys.exit(130)

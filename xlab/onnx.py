@@ -228,7 +228,8 @@ class OnnxGreedy:
         (B, T) of equal-length prompts gives one list per row.
 
         A row stops after it produces eos_id (which is included); every row stops at max_new_tokens or
-        when the sequence fills the model's context. Raises ValueError for a prompt longer than the context.
+        at the context: the last token is predicted at position context - 1 (as generate.py's greedy search).
+        Raises ValueError for a prompt longer than the context.
         """
         prompts = np.asarray(ids, dtype=np.int64)
         single = prompts.ndim == 1
@@ -239,7 +240,7 @@ class OnnxGreedy:
         context = self.config.context
         if T > context:
             raise ValueError(f"prompt of {T} tokens exceeds the model's context of {context}")
-        steps = min(max_new_tokens, context - T)
+        steps = min(max_new_tokens, context - T + 1)  # step i feeds T + i - 1 <= context tokens
         new = np.zeros((B, 0), dtype=np.int64)
         done = np.zeros(B, dtype=bool)
         past = None

@@ -51,6 +51,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt to generate from, with the special tokens the tokenizer's post-processor adds,
+        as transformers' tokenizers add them: Llama's `<s>` (BOS) first. XLab's own tokenizers add none."""
+        return self.hf.encode(text, add_special_tokens=True).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel on Rust threads (the fast path: no character offsets)."""
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
