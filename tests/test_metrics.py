@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from xlab import callbacks
 from xlab.callbacks import Throughput
-from xlab.module import LanguageModel
+from xlab.module import LanguageModel, NonFiniteLoss, next_token_loss
 from xlab.transformer import TransformerConfig
 
 ARCH = TransformerConfig(vocab_size=40, context=8, n_layers=1, n_heads=2, d_model=16)
@@ -114,3 +114,18 @@ def test_peak_flops_fall_back_to_lightning_and_yield_to_the_option(monkeypatch):
         throughput = Throughput(peak_flops=option)
         throughput.on_train_start(trainer, module)
         assert throughput.peak_flops == expected
+
+
+def test_non_finite_loss_names_its_step_when_only_logging_steps_check(tmp_path, monkeypatch):
+    # as on a GPU, where checking every step would wait for the device: only logging steps (every 5th) check
+    monkeypatch.setattr(LanguageModel, "waits_for_device", lambda self: True)
+    module = LanguageModel(ARCH)
+
+    def loss_fn(logits, targets):  # the loss turns NaN at step 2, between the logging steps 0 and 4
+        loss = next_token_loss(logits, targets)
+        return loss * float("nan") if module.global_step == 2 else loss
+
+    module.loss_fn = loss_fn
+    run = trainer(tmp_path, 8, [], log_every_n_steps=5, logger=Recorder())
+    with pytest.raises(NonFiniteLoss, match=r"at step 2\b"):
+        run.fit(module, DataLoader(random_batches(8, 2), batch_size=None))
