@@ -8,12 +8,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import run_script, tiny_args
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.loggers import Logger
+from test_data import make_corpus
+from test_distributed import DDP, free_port
 from torch.utils.data import DataLoader
 
 from xlab import callbacks
 from xlab.callbacks import Throughput
+from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss, next_token_loss
 from xlab.transformer import TransformerConfig
 
@@ -129,3 +133,28 @@ def test_non_finite_loss_names_its_step_when_only_logging_steps_check(tmp_path, 
     run = trainer(tmp_path, 8, [], log_every_n_steps=5, logger=Recorder())
     with pytest.raises(NonFiniteLoss, match=r"at step 2\b"):
         run.fit(module, DataLoader(random_batches(8, 2), batch_size=None))
+
+
+def val_loss(output: str) -> float:
+    """The val/loss row of the table `xlab.py validate` prints."""
+    [row] = [line for line in output.splitlines() if " val/loss " in line]
+    return float(row.strip("│┃ ").split()[-1])
+
+
+def test_ddp_validation_counts_each_window_once(tmp_path):
+    # short documents, 3 of them in val: 9 windows, which a padding sampler would even out to 10 for 2 ranks
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, n=30)
+    options = {"data.source": corpus, "data.val_size": 3, "data.max_documents": "null", "data.predict_size": 1,
+               "trainer.limit_val_batches": 1.0, "data.batch_size": 2}
+    args = tiny_args(tmp_path, steps=1, **options)
+    run_script("xlab.py", "fit", *args)
+    dm = XLabDataModule(source=str(corpus), data_dir=str(tmp_path / "data"), vocab_size=300, context=32,
+                        val_size=3, predict_size=1)
+    dm.setup("validate")
+    assert len(dm.windows["val"]) % 2 == 1
+    ckpt = f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/last.ckpt"
+    one = val_loss(run_script("xlab.py", "validate", *args, ckpt).stdout)
+    two = val_loss(run_script("xlab.py", "validate", *args, ckpt, *(f"--{k}={v}" for k, v in DDP.items()),
+                              "--trainer.devices=2", env={"MASTER_PORT": str(free_port())}).stdout)
+    assert two == pytest.approx(one, rel=1e-6, abs=0)

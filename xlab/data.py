@@ -34,6 +34,7 @@ import datasets
 import lightning as L
 import numpy as np
 import pyarrow.compute as pc
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
@@ -510,10 +511,20 @@ class XLabDataModule(L.LightningDataModule):
         return self.loader(windows, ResumableLoader, sampler=self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.loader(self.windows["val"], shuffle=False) if self.sizes["val"] else []
+        return self.eval_loader("val") if self.sizes["val"] else []
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.windows["test"], shuffle=False)
+        return self.eval_loader("test")
+
+    def eval_loader(self, name: str) -> DataLoader:
+        """Each window once, in order. Under DDP each rank takes every world_size-th window, without the windows
+        Lightning's DistributedSampler would repeat to give every rank as many: those would count twice in the
+        loss. Ranks may then run one batch more than others, which evaluation allows (metrics sync at the end)."""
+        windows = self.windows[name]
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None if world == 1 else UnrepeatedDistributedSampler(
+            windows, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return self.loader(windows, sampler=sampler, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader(self.prompts(), shuffle=False, collate_fn=collate_prompts)
