@@ -38,7 +38,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files
+from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files, source_state
 from xlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 from xlab.windows import (
     PackedWindows,
@@ -333,7 +333,7 @@ class XLabDataModule(L.LightningDataModule):
             raise ValueError(f"data.vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum} "
                              f"(256 bytes + {len(self.special_tokens)} special tokens)")
         self.pretrained = Tokenizer.load(pretrained_tokenizer) if pretrained_tokenizer else None
-        self.cache_dir = Path(data_dir) / self.fingerprint()
+        self.cache_dir = Path(data_dir) / self.current_fingerprint()
         self.tokenizer: Tokenizer | None = None  # set by setup()
         self.splits: dict[str, SplitTokens] = {}
         self.manifests: dict[str, dict] = {}
@@ -348,9 +348,14 @@ class XLabDataModule(L.LightningDataModule):
         return vocab_size if pretrained_tokenizer is None else Tokenizer.load(pretrained_tokenizer).vocab_size
 
     def fingerprint(self) -> str:
-        """Names the cache folder: a readable slug, and a hash of every option that changes the prepared data."""
+        """The name of the cache folder in use (see `current_fingerprint`)."""
+        return self.cache_dir.name
+
+    def current_fingerprint(self) -> str:
+        """Names the cache folder: a readable slug, and a hash of every option that changes the prepared data and
+        of the sources' state now (`xlab.sources.source_state`: files, interpreter, resolved Hub commit)."""
         h = self.hparams
-        corpus = [[asdict(s) for s in self.sources], h.max_documents, self.sizes, h.seed]
+        corpus = [[asdict(s) | {"state": source_state(s)} for s in self.sources], h.max_documents, self.sizes, h.seed]
         tokenizer = (["pretrained", self.pretrained.sha256()] if self.pretrained is not None else
                      ["bpe", h.vocab_size, self.special_tokens, h.tokenizer_train_bytes])
         key = json.dumps([CACHE_VERSION, corpus, tokenizer], sort_keys=True)
@@ -420,8 +425,10 @@ class XLabDataModule(L.LightningDataModule):
         if self.is_prepared():
             info("prepared data found in %s", self.cache_dir)
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         docs, splits = corpus = self.load_corpus()
+        # a first download of a Hub dataset resolves its revision to a commit, which the fingerprint covers
+        self.cache_dir = Path(self.hparams.data_dir) / self.current_fingerprint()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = self.get_tokenizer(corpus)
         for name in SPLITS:
             manifest, why = read_manifest(self.cache_dir, name, tokenizer.sha256())
@@ -450,6 +457,8 @@ class XLabDataModule(L.LightningDataModule):
     # -------------------------------------------------------------------------------- every rank
 
     def setup(self, stage: str | None = None) -> None:
+        # as prepare_data (maybe on another rank) left it
+        self.cache_dir = Path(self.hparams.data_dir) / self.current_fingerprint()
         if not (self.pretrained is not None or self.tokenizer_path.is_file()):
             raise FileNotFoundError(f"no tokenizer at {self.tokenizer_path}: prepare the data first "
                                     "(./xlab.py prepare_data -c CONF, or datamodule.prepare_data())")
