@@ -527,3 +527,39 @@ def test_prompts_file_one_per_line_or_json_lines(tmp_path):
         xdata.read_prompts(jsonl)
     with pytest.raises(FileNotFoundError, match="no such file"):
         xdata.read_prompts(tmp_path / "missing.txt")
+
+
+def test_evaluation_uses_the_checkpoints_tokenizer_and_data(tmp_path, capsys):
+    from conftest import tiny_args
+
+    from xlab.checkpoint import read_training_checkpoint
+    from xlab.cli import main
+
+    run = {"trainer.logger.init_args.save_dir": tmp_path / "logs", "data.seed": 7}
+    main(["fit", *tiny_args(tmp_path, steps=2, **run)])  # validates once, at its last step
+    ckpt = read_training_checkpoint(tmp_path / "logs/version_0/checkpoints/last.ckpt")
+    capsys.readouterr()
+
+    def validate(*extra: str, **options) -> str:
+        main(["validate", *tiny_args(tmp_path, **options), f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/"
+              "last.ckpt", *extra])
+        return capsys.readouterr().out
+
+    # the run's own data options: its prepared data and tokenizer, and the val loss the run measured
+    [row] = [line for line in validate(**run).splitlines() if " val/loss " in line]
+    assert float(row.strip("│ ").split()[-1]) == pytest.approx(ckpt["val_loss"], abs=1e-6)
+    # another seed (another split, so another BPE) is refused, naming both fingerprints and the flag
+    folders = set((tmp_path / "data").iterdir())
+    with pytest.raises(SystemExit) as refused:
+        validate()
+    message = str(refused.value.code)
+    assert message.startswith("error: ") and ckpt["data_fingerprint"] in message
+    assert "--data.allow_other_data=true" in message and set((tmp_path / "data").iterdir()) == folders
+    other = XLabDataModule(data_dir=str(tmp_path / "data"), max_documents=40, vocab_size=300).fingerprint()
+    assert other in message
+    # ... unless accepted: that data, tokenized by the checkpoint's tokenizer (no new one trained)
+    assert "val/loss" in validate("--data.allow_other_data=true")
+    [new] = set((tmp_path / "data").iterdir()) - folders
+    sha = Tokenizer.from_str(ckpt["tokenizer"]).sha256()
+    assert Tokenizer.load(new / "tokenizer.json").sha256() == sha
+    assert json.loads((new / "val.json").read_text())["tokenizer_sha256"] == sha

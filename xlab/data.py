@@ -294,7 +294,8 @@ class XLabDataModule(L.LightningDataModule):
                  num_workers: int = 0,
                  prompt_tokens: int = 32,
                  prompts: list[str] | str | None = None,
-                 hf_datasets_cache: str | None = None):
+                 hf_datasets_cache: str | None = None,
+                 allow_other_data: bool = False):
         """
         Args:
             source: a Hub dataset id, a local file/glob/folder, `builtin:python-stdlib`, a `Source`, or a list
@@ -319,6 +320,8 @@ class XLabDataModule(L.LightningDataModule):
             prompts: predict from these texts instead of the predict split: a list, or the path of a text file
                 with one prompt per line (a JSON string per line in a .jsonl file, for prompts with newlines).
             hf_datasets_cache: the `datasets` cache for Hub downloads and Arrow files (default: HF's).
+            allow_other_data: validate/test/predict a checkpoint on data other than its run's (another corpus,
+                split or seed), tokenized by the checkpoint's tokenizer; without it that is an error.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -333,6 +336,8 @@ class XLabDataModule(L.LightningDataModule):
             raise ValueError(f"data.vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum} "
                              f"(256 bytes + {len(self.special_tokens)} special tokens)")
         self.pretrained = Tokenizer.load(pretrained_tokenizer) if pretrained_tokenizer else None
+        self.checkpoint_tokenizer: Tokenizer | None = None  # evaluating a checkpoint: see use_checkpoint()
+        self.other_data = False  # ... on data other than its run's
         self.cache_dir = Path(data_dir) / self.current_fingerprint()
         self.tokenizer: Tokenizer | None = None  # set by setup()
         self.splits: dict[str, SplitTokens] = {}
@@ -356,13 +361,28 @@ class XLabDataModule(L.LightningDataModule):
         of the sources' state now (`xlab.sources.source_state`: files, interpreter, resolved Hub commit)."""
         h = self.hparams
         corpus = [[asdict(s) | {"state": source_state(s)} for s in self.sources], h.max_documents, self.sizes, h.seed]
-        tokenizer = (["pretrained", self.pretrained.sha256()] if self.pretrained is not None else
+        given = self.checkpoint_tokenizer if self.other_data else self.pretrained
+        tokenizer = (["pretrained", given.sha256()] if given is not None else
                      ["bpe", h.vocab_size, self.special_tokens, h.tokenizer_train_bytes])
         key = json.dumps([CACHE_VERSION, corpus, tokenizer], sort_keys=True)
         first = self.sources[0].path.removeprefix("builtin:")
         slug = re.sub(r"[^\w.]+", "-", f"{first}-{self.sources[0].name or ''}").strip("-.")[:48]
         more = f"+{len(self.sources) - 1}" if len(self.sources) > 1 else ""
         return f"{slug}{more}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+    def use_checkpoint(self, tokenizer: Tokenizer, fingerprint: str | None) -> None:
+        """Evaluate a checkpoint on data tokenized by its own tokenizer. With its run's data options the fingerprint
+        is its `fingerprint` and the run's prepared data serves. Other data is an error unless `allow_other_data`;
+        it is then prepared with the checkpoint's tokenizer, in a cache folder of its own."""
+        h = self.hparams
+        if fingerprint not in (None, self.fingerprint()) and not h.allow_other_data:
+            raise ValueError(f"the data options give data {self.fingerprint()}, not the data {fingerprint} the "
+                             "checkpoint was trained on: use its run's data options (its config.yaml), or "
+                             "--data.allow_other_data=true to evaluate on this data with the checkpoint's tokenizer")
+        self.checkpoint_tokenizer = tokenizer
+        if fingerprint != self.fingerprint():  # other data, or a checkpoint that does not say which
+            self.pretrained, self.other_data = None, True  # the fingerprint then names the checkpoint's tokenizer
+            self.cache_dir = Path(h.data_dir) / self.current_fingerprint()
 
     @property
     def tokenizer_path(self) -> Path:
@@ -395,6 +415,8 @@ class XLabDataModule(L.LightningDataModule):
         if self.pretrained is not None:
             info("using the pretrained tokenizer %s (%d tokens)", self.tokenizer_path, self.pretrained.vocab_size)
             return self.pretrained
+        if self.checkpoint_tokenizer is not None and not self.tokenizer_path.is_file():
+            self.checkpoint_tokenizer.save(self.tokenizer_path)  # the model's own, rather than a new one trained
         if self.tokenizer_path.is_file():
             tokenizer = Tokenizer.load(self.tokenizer_path)
             info("reusing the tokenizer %s (%d tokens)", self.tokenizer_path, tokenizer.vocab_size)
@@ -463,6 +485,9 @@ class XLabDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"no tokenizer at {self.tokenizer_path}: prepare the data first "
                                     "(./xlab.py prepare_data -c CONF, or datamodule.prepare_data())")
         self.tokenizer = self.pretrained or Tokenizer.load(self.tokenizer_path)
+        if self.checkpoint_tokenizer is not None and self.tokenizer.sha256() != self.checkpoint_tokenizer.sha256():
+            raise ValueError(f"{self.tokenizer_path} is not the tokenizer the checkpoint was trained with: remove "
+                             f"{self.cache_dir} to prepare the data again with the checkpoint's tokenizer")
         self.check_model_vocab()
         dtype = token_dtype(self.tokenizer.vocab_size)
         for name in SPLITS:
