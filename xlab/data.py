@@ -9,8 +9,9 @@
      (uint64 document offsets); see `xlab.windows` for the layout.
 `setup` (every rank): load the tokenizer and map the token files. The sources are not read again.
 
-Everything lives in `data_dir/<fingerprint>/`, keyed by the sources, the split, the tokenizer and their
-options: changing any of them prepares a new folder, changing context, batch size or workers does not.
+Everything lives in `data_dir/<fingerprint>/`, keyed by the sources (with their files' names, sizes and times),
+the split, the tokenizer and their options: changing any of them prepares a new folder, changing context, batch
+size or workers does not.
 Files are written under temporary names and renamed when complete; each split's `{split}.json` manifest
 comes last and records sizes and the tokenizer's checksum, so an interrupted or stale cache is rebuilt.
 """
@@ -556,6 +557,9 @@ class XLabDataModule(L.LightningDataModule):
         loss. Ranks may then run one batch more than others, which evaluation allows (metrics sync at the end)."""
         windows = self.windows[name]
         world = self.trainer.world_size if self.trainer is not None else 1
+        if len(windows) < world:  # every process needs a window (the sampler asserts it: DDP could hang)
+            raise ValueError(f"the {name} split has {len(windows)} windows, fewer than the {world} processes: "
+                             f"raise data.{name}_size (now {self.sizes[name]})")
         sampler = None if world == 1 else UnrepeatedDistributedSampler(
             windows, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
         return self.loader(windows, sampler=sampler, shuffle=False)
