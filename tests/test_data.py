@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import platform
 import random
 import sys
 from collections import Counter
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import huggingface_hub
 import lightning as L
 import numpy as np
 import pytest
@@ -166,6 +168,50 @@ def test_cache_is_reused_and_keyed_by_what_changes_the_data(tmp_path, corpus, mo
     other = tmp_path / "other.jsonl"
     make_corpus(other)
     assert module(tmp_path, other).fingerprint() != dm.fingerprint()
+
+
+def test_fingerprint_covers_the_files_of_a_local_folder(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(8):
+        (notes / f"{i}.txt").write_text(" ".join(WORDS[i:] * 5))
+    dm = module(tmp_path, notes, val_size=1, test_size=1, predict_size=1)
+    dm.prepare_data()
+    (notes / "8.txt").write_text("a new note")  # a file more: new documents, a new split
+    added = module(tmp_path, notes, val_size=1, test_size=1, predict_size=1)
+    assert added.fingerprint() != dm.fingerprint() and not added.is_prepared()
+    added.prepare_data()
+    assert len(list((tmp_path / "data").glob("*/train.bin"))) == 2
+    (notes / "0.txt").write_text("an edited note")  # the same names, other contents
+    assert module(tmp_path, notes, val_size=1, test_size=1, predict_size=1).fingerprint() != added.fingerprint()
+    # a hidden file (an editor's swap file) changes no document
+    (notes / ".0.txt.swp").write_text("x")
+    assert module(tmp_path, notes, val_size=1, test_size=1, predict_size=1).fingerprint() == \
+        module(tmp_path, notes, val_size=1, test_size=1, predict_size=1).fingerprint()
+
+
+def test_fingerprint_covers_the_interpreter_of_the_builtin_corpus(tmp_path, monkeypatch):
+    here = XLabDataModule(data_dir=str(tmp_path)).fingerprint()
+    monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
+    assert XLabDataModule(data_dir=str(tmp_path)).fingerprint() != here
+
+
+def test_fingerprint_covers_the_commit_a_hub_revision_resolved_to(tmp_path, monkeypatch):
+    # the layout of the Hugging Face cache: refs/<branch or tag> holds the commit the last download resolved it to
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = tmp_path / "hub/datasets--owner--name/refs"
+
+    def fingerprint(**source):
+        return XLabDataModule(source=xdata.Source(path="owner/name", **source), data_dir=str(tmp_path)).fingerprint()
+
+    unresolved = fingerprint()
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    first = fingerprint()
+    (refs / "main").write_text("b" * 40)  # the Hub's main moved on, and a download followed it
+    assert len({unresolved, first, fingerprint()}) == 3
+    (refs / "v1").write_text("c" * 40)
+    assert fingerprint(revision="v1") != fingerprint(revision="v2") != fingerprint()
 
 
 def test_truncated_or_corrupt_cache_is_detected_and_rebuilt(tmp_path, corpus):
@@ -481,3 +527,39 @@ def test_prompts_file_one_per_line_or_json_lines(tmp_path):
         xdata.read_prompts(jsonl)
     with pytest.raises(FileNotFoundError, match="no such file"):
         xdata.read_prompts(tmp_path / "missing.txt")
+
+
+def test_evaluation_uses_the_checkpoints_tokenizer_and_data(tmp_path, capsys):
+    from conftest import tiny_args
+
+    from xlab.checkpoint import read_training_checkpoint
+    from xlab.cli import main
+
+    run = {"trainer.logger.init_args.save_dir": tmp_path / "logs", "data.seed": 7}
+    main(["fit", *tiny_args(tmp_path, steps=2, **run)])  # validates once, at its last step
+    ckpt = read_training_checkpoint(tmp_path / "logs/version_0/checkpoints/last.ckpt")
+    capsys.readouterr()
+
+    def validate(*extra: str, **options) -> str:
+        main(["validate", *tiny_args(tmp_path, **options), f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/"
+              "last.ckpt", *extra])
+        return capsys.readouterr().out
+
+    # the run's own data options: its prepared data and tokenizer, and the val loss the run measured
+    [row] = [line for line in validate(**run).splitlines() if " val/loss " in line]
+    assert float(row.strip("│ ").split()[-1]) == pytest.approx(ckpt["val_loss"], abs=1e-6)
+    # another seed (another split, so another BPE) is refused, naming both fingerprints and the flag
+    folders = set((tmp_path / "data").iterdir())
+    with pytest.raises(SystemExit) as refused:
+        validate()
+    message = str(refused.value.code)
+    assert message.startswith("error: ") and ckpt["data_fingerprint"] in message
+    assert "--data.allow_other_data=true" in message and set((tmp_path / "data").iterdir()) == folders
+    other = XLabDataModule(data_dir=str(tmp_path / "data"), max_documents=40, vocab_size=300).fingerprint()
+    assert other in message
+    # ... unless accepted: that data, tokenized by the checkpoint's tokenizer (no new one trained)
+    assert "val/loss" in validate("--data.allow_other_data=true")
+    [new] = set((tmp_path / "data").iterdir()) - folders
+    sha = Tokenizer.from_str(ckpt["tokenizer"]).sha256()
+    assert Tokenizer.load(new / "tokenizer.json").sha256() == sha
+    assert json.loads((new / "val.json").read_text())["tokenizer_sha256"] == sha

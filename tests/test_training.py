@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script, tiny_args
+from conftest import ROOT, run_script, tiny_args
 
 from xlab.checkpoint import load_checkpoint
 from xlab.module import IGNORE_INDEX, LanguageModel

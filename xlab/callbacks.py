@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -18,18 +19,46 @@ log = logging.getLogger(__name__)
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
 
 
+# Dense peak FLOP/s (no 2:4 sparsity) of one data-centre GPU for matrix products, from the vendors' datasheets, by
+# a pattern of the lower-case device name (torch.cuda.get_device_name), tried in order: the specific names first.
+# "tf32" is float32 with TF32 matmuls (torch.get_float32_matmul_precision() not "highest"). Lightning's table
+# lacks the H200 (plain "NVIDIA H200"), B200, L40S and MI300X and holds sparse figures for some others.
+PEAK_FLOPS: dict[str, dict[torch.dtype | str, float]] = {
+    r"h[12]00 nvl": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tf32": 417.5e12, torch.float32: 60e12},
+    r"h100.*(pcie|hbm2e)": {torch.bfloat16: 756e12, torch.float16: 756e12, "tf32": 378e12, torch.float32: 51.2e12},
+    r"h100|h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tf32": 494.7e12, torch.float32: 66.9e12},
+    r"gb200": {torch.bfloat16: 2.5e15, torch.float16: 2.5e15, "tf32": 1.25e15, torch.float32: 80e12},
+    r"b200": {torch.bfloat16: 2.25e15, torch.float16: 2.25e15, "tf32": 1.1e15, torch.float32: 75e12},
+    r"a100": {torch.bfloat16: 312e12, torch.float16: 312e12, "tf32": 156e12, torch.float32: 19.5e12},
+    r"l40s": {torch.bfloat16: 362.05e12, torch.float16: 362.05e12, "tf32": 183e12, torch.float32: 91.6e12},
+    r"mi3[02]5x|mi300x": {torch.bfloat16: 1307.4e12, torch.float16: 1307.4e12, "tf32": 653.7e12,
+                          torch.float32: 163.4e12},
+}
+
+
 def precision_dtype(precision: str) -> torch.dtype:
     """The matmul dtype of a Lightning precision string such as 'bf16-mixed' or '32-true'."""
     return PRECISION_DTYPES.get(str(precision).split("-")[0], torch.float32)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of one GPU for products in `dtype`: XLab's table, else Lightning's, else None."""
+    name = torch.cuda.get_device_name(device).lower()
+    kind = "tf32" if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else dtype
+    for pattern, peaks in PEAK_FLOPS.items():
+        if re.search(pattern, name):
+            return peaks.get(kind)
+    return get_available_flops(device, dtype)
 
 
 class Throughput(L.Callback):
     """Logs tokens/s, tokens seen and model FLOPs utilisation every `log_every_n_steps`.
 
     MFU = FLOPs per token (the model's 6N + attention estimate) x tokens/s / (peak x devices).
-    The peak comes from `peak_flops` (per device), else from Lightning's table of known GPUs;
-    on a CPU without `peak_flops` MFU is not logged. Timing never synchronises the device:
-    over a logging interval the queue of pending work is short against the interval.
+    The peak comes from `peak_flops` (per device), else from `PEAK_FLOPS` or Lightning's table of known GPUs;
+    on a CPU without `peak_flops` MFU is not logged. Under gradient accumulation an interval ends after the
+    last micro-batch of its logging step, and every micro-batch's tokens count. Timing never synchronises the
+    device: over a logging interval the queue of pending work is short against the interval.
     """
 
     def __init__(self, peak_flops: float | None = None):
@@ -39,8 +68,7 @@ class Throughput(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_flops is None and trainer.strategy.root_device.type == "cuda":
-            self.peak_flops = get_available_flops(trainer.strategy.root_device,
-                                                  precision_dtype(trainer.precision))
+            self.peak_flops = peak_flops(trainer.strategy.root_device, precision_dtype(trainer.precision))
         self._flops_per_token = pl_module.model.flops_per_token()["total"]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -49,7 +77,8 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += batch[0].numel() * trainer.world_size
-        if not trainer._logger_connector.should_update_logs:
+        accumulating = trainer.fit_loop.epoch_loop._should_accumulate()  # the step has micro-batches to come
+        if accumulating or not trainer._logger_connector.should_update_logs:
             return
         elapsed = time.perf_counter() - self._start
         tokens_per_s = self._tokens / elapsed

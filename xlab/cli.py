@@ -16,9 +16,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
-from xlab.checkpoint import CheckpointError, read_checkpoint_file, read_export_meta
+from xlab.checkpoint import EXPORT_TOKENIZER, CheckpointError, read_checkpoint_file, read_export_meta
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
+from xlab.tokenizer import Tokenizer
 
 DEFAULTS = Path(__file__).resolve().parent.parent / "conf" / "defaults.yaml"
 
@@ -27,6 +28,8 @@ DATA_COMMANDS = ("prepare_data", "train_tokenizer", "compute_stats")  # XLabData
 
 
 class XLabCLI(LightningCLI):
+    evaluated: tuple[Tokenizer, str | None] | None = None  # the evaluated checkpoint's tokenizer and data fingerprint
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), **{name: set() for name in DATA_COMMANDS}}
@@ -51,7 +54,8 @@ class XLabCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning applies all of a checkpoint's hyperparameters over the config. Only the architecture must
         come from the checkpoint (its weights fit no other); the rest (generation, optimiser, schedule) stays
-        as the config and command line give it, so `predict --model.generation...` does what it says."""
+        as the config and command line give it, so `predict --model.generation...` does what it says.
+        Evaluation also takes the checkpoint's tokenizer and checks its data (`XLabDataModule.use_checkpoint`)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path == "last":  # each run logs to a new version folder: "last" means the newest run's
@@ -59,7 +63,10 @@ class XLabCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_dir():
             self.use_export(subcommand, Path(ckpt_path))
         elif ckpt_path and Path(ckpt_path).is_file():
-            hparams = read_checkpoint_file(Path(ckpt_path)).get("hyper_parameters", {})
+            ckpt = read_checkpoint_file(Path(ckpt_path))
+            hparams, meta = ckpt.get("hyper_parameters", {}), ckpt["xlab"]
+            if subcommand != "fit" and meta.get("tokenizer"):
+                self.evaluated = Tokenizer.from_str(meta["tokenizer"]), meta.get("data_fingerprint")
             if "arch" in hparams:
                 self.config = self.parser.parse_object({subcommand: {"model": {"arch": hparams["arch"]}}}, self.config)
 
@@ -69,9 +76,17 @@ class XLabCLI(LightningCLI):
         if subcommand == "fit":
             raise ValueError(f"{folder} is an exported checkpoint, without optimizer state to resume from: "
                              f"fine-tune from it with --model.init_from={folder} instead of --ckpt_path")
-        arch = read_export_meta(folder)["arch"]
+        meta = read_export_meta(folder)
+        arch = meta["arch"]
+        if (folder / EXPORT_TOKENIZER).is_file():
+            self.evaluated = Tokenizer.load(folder / EXPORT_TOKENIZER), meta.get("data_fingerprint")
         self.config = self.parser.parse_object(
             {subcommand: {"ckpt_path": None, "model": {"arch": arch, "init_from": str(folder)}}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.evaluated is not None:
+            self.datamodule.use_checkpoint(*self.evaluated)
 
     def add_arguments_to_parser(self, parser) -> None:
         # the tokenizer is trained to the data's vocabulary size and windows match the model's context

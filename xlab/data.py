@@ -9,8 +9,9 @@
      (uint64 document offsets); see `xlab.windows` for the layout.
 `setup` (every rank): load the tokenizer and map the token files. The sources are not read again.
 
-Everything lives in `data_dir/<fingerprint>/`, keyed by the sources, the split, the tokenizer and their
-options: changing any of them prepares a new folder, changing context, batch size or workers does not.
+Everything lives in `data_dir/<fingerprint>/`, keyed by the sources (with their files' names, sizes and times),
+the split, the tokenizer and their options: changing any of them prepares a new folder, changing context, batch
+size or workers does not.
 Files are written under temporary names and renamed when complete; each split's `{split}.json` manifest
 comes last and records sizes and the tokenizer's checksum, so an interrupted or stale cache is rebuilt.
 """
@@ -34,11 +35,12 @@ import datasets
 import lightning as L
 import numpy as np
 import pyarrow.compute as pc
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from xlab.callbacks import resume_point
-from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files
+from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files, source_state
 from xlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 from xlab.windows import (
     PackedWindows,
@@ -294,7 +296,8 @@ class XLabDataModule(L.LightningDataModule):
                  num_workers: int = 0,
                  prompt_tokens: int = 32,
                  prompts: list[str] | str | None = None,
-                 hf_datasets_cache: str | None = None):
+                 hf_datasets_cache: str | None = None,
+                 allow_other_data: bool = False):
         """
         Args:
             source: a Hub dataset id, a local file/glob/folder, `builtin:python-stdlib`, a `Source`, or a list
@@ -319,6 +322,8 @@ class XLabDataModule(L.LightningDataModule):
             prompts: predict from these texts instead of the predict split: a list, or the path of a text file
                 with one prompt per line (a JSON string per line in a .jsonl file, for prompts with newlines).
             hf_datasets_cache: the `datasets` cache for Hub downloads and Arrow files (default: HF's).
+            allow_other_data: validate/test/predict a checkpoint on data other than its run's (another corpus,
+                split or seed), tokenized by the checkpoint's tokenizer; without it that is an error.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -333,7 +338,9 @@ class XLabDataModule(L.LightningDataModule):
             raise ValueError(f"data.vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum} "
                              f"(256 bytes + {len(self.special_tokens)} special tokens)")
         self.pretrained = Tokenizer.load(pretrained_tokenizer) if pretrained_tokenizer else None
-        self.cache_dir = Path(data_dir) / self.fingerprint()
+        self.checkpoint_tokenizer: Tokenizer | None = None  # evaluating a checkpoint: see use_checkpoint()
+        self.other_data = False  # ... on data other than its run's
+        self.cache_dir = Path(data_dir) / self.current_fingerprint()
         self.tokenizer: Tokenizer | None = None  # set by setup()
         self.splits: dict[str, SplitTokens] = {}
         self.manifests: dict[str, dict] = {}
@@ -348,16 +355,36 @@ class XLabDataModule(L.LightningDataModule):
         return vocab_size if pretrained_tokenizer is None else Tokenizer.load(pretrained_tokenizer).vocab_size
 
     def fingerprint(self) -> str:
-        """Names the cache folder: a readable slug, and a hash of every option that changes the prepared data."""
+        """The name of the cache folder in use (see `current_fingerprint`)."""
+        return self.cache_dir.name
+
+    def current_fingerprint(self) -> str:
+        """Names the cache folder: a readable slug, and a hash of every option that changes the prepared data and
+        of the sources' state now (`xlab.sources.source_state`: files, interpreter, resolved Hub commit)."""
         h = self.hparams
-        corpus = [[asdict(s) for s in self.sources], h.max_documents, self.sizes, h.seed]
-        tokenizer = (["pretrained", self.pretrained.sha256()] if self.pretrained is not None else
+        corpus = [[asdict(s) | {"state": source_state(s)} for s in self.sources], h.max_documents, self.sizes, h.seed]
+        given = self.checkpoint_tokenizer if self.other_data else self.pretrained
+        tokenizer = (["pretrained", given.sha256()] if given is not None else
                      ["bpe", h.vocab_size, self.special_tokens, h.tokenizer_train_bytes])
         key = json.dumps([CACHE_VERSION, corpus, tokenizer], sort_keys=True)
         first = self.sources[0].path.removeprefix("builtin:")
         slug = re.sub(r"[^\w.]+", "-", f"{first}-{self.sources[0].name or ''}").strip("-.")[:48]
         more = f"+{len(self.sources) - 1}" if len(self.sources) > 1 else ""
         return f"{slug}{more}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+    def use_checkpoint(self, tokenizer: Tokenizer, fingerprint: str | None) -> None:
+        """Evaluate a checkpoint on data tokenized by its own tokenizer. With its run's data options the fingerprint
+        is its `fingerprint` and the run's prepared data serves. Other data is an error unless `allow_other_data`;
+        it is then prepared with the checkpoint's tokenizer, in a cache folder of its own."""
+        h = self.hparams
+        if fingerprint not in (None, self.fingerprint()) and not h.allow_other_data:
+            raise ValueError(f"the data options give data {self.fingerprint()}, not the data {fingerprint} the "
+                             "checkpoint was trained on: use its run's data options (its config.yaml), or "
+                             "--data.allow_other_data=true to evaluate on this data with the checkpoint's tokenizer")
+        self.checkpoint_tokenizer = tokenizer
+        if fingerprint != self.fingerprint():  # other data, or a checkpoint that does not say which
+            self.pretrained, self.other_data = None, True  # the fingerprint then names the checkpoint's tokenizer
+            self.cache_dir = Path(h.data_dir) / self.current_fingerprint()
 
     @property
     def tokenizer_path(self) -> Path:
@@ -390,6 +417,8 @@ class XLabDataModule(L.LightningDataModule):
         if self.pretrained is not None:
             info("using the pretrained tokenizer %s (%d tokens)", self.tokenizer_path, self.pretrained.vocab_size)
             return self.pretrained
+        if self.checkpoint_tokenizer is not None and not self.tokenizer_path.is_file():
+            self.checkpoint_tokenizer.save(self.tokenizer_path)  # the model's own, rather than a new one trained
         if self.tokenizer_path.is_file():
             tokenizer = Tokenizer.load(self.tokenizer_path)
             info("reusing the tokenizer %s (%d tokens)", self.tokenizer_path, tokenizer.vocab_size)
@@ -420,8 +449,10 @@ class XLabDataModule(L.LightningDataModule):
         if self.is_prepared():
             info("prepared data found in %s", self.cache_dir)
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         docs, splits = corpus = self.load_corpus()
+        # a first download of a Hub dataset resolves its revision to a commit, which the fingerprint covers
+        self.cache_dir = Path(self.hparams.data_dir) / self.current_fingerprint()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = self.get_tokenizer(corpus)
         for name in SPLITS:
             manifest, why = read_manifest(self.cache_dir, name, tokenizer.sha256())
@@ -450,10 +481,15 @@ class XLabDataModule(L.LightningDataModule):
     # -------------------------------------------------------------------------------- every rank
 
     def setup(self, stage: str | None = None) -> None:
+        # as prepare_data (maybe on another rank) left it
+        self.cache_dir = Path(self.hparams.data_dir) / self.current_fingerprint()
         if not (self.pretrained is not None or self.tokenizer_path.is_file()):
             raise FileNotFoundError(f"no tokenizer at {self.tokenizer_path}: prepare the data first "
                                     "(./xlab.py prepare_data -c CONF, or datamodule.prepare_data())")
         self.tokenizer = self.pretrained or Tokenizer.load(self.tokenizer_path)
+        if self.checkpoint_tokenizer is not None and self.tokenizer.sha256() != self.checkpoint_tokenizer.sha256():
+            raise ValueError(f"{self.tokenizer_path} is not the tokenizer the checkpoint was trained with: remove "
+                             f"{self.cache_dir} to prepare the data again with the checkpoint's tokenizer")
         self.check_model_vocab()
         dtype = token_dtype(self.tokenizer.vocab_size)
         for name in SPLITS:
@@ -511,10 +547,23 @@ class XLabDataModule(L.LightningDataModule):
         return self.loader(windows, ResumableLoader, sampler=self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.loader(self.windows["val"], shuffle=False) if self.sizes["val"] else []
+        return self.eval_loader("val") if self.sizes["val"] else []
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.windows["test"], shuffle=False)
+        return self.eval_loader("test")
+
+    def eval_loader(self, name: str) -> DataLoader:
+        """Each window once, in order. Under DDP each rank takes every world_size-th window, without the windows
+        Lightning's DistributedSampler would repeat to give every rank as many: those would count twice in the
+        loss. Ranks may then run one batch more than others, which evaluation allows (metrics sync at the end)."""
+        windows = self.windows[name]
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(windows) < world:  # every process needs a window (the sampler asserts it: DDP could hang)
+            raise ValueError(f"the {name} split has {len(windows)} windows, fewer than the {world} processes: "
+                             f"raise data.{name}_size (now {self.sizes[name]})")
+        sampler = None if world == 1 else UnrepeatedDistributedSampler(
+            windows, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return self.loader(windows, sampler=sampler, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader(self.prompts(), shuffle=False, collate_fn=collate_prompts)

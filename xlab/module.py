@@ -75,6 +75,7 @@ class LanguageModel(L.LightningModule):
         self.schedule = schedule
         self.generation = generation
         self.tokens_seen = 0
+        self.first_bad: tuple[torch.Tensor, torch.Tensor] | None = None  # see note_non_finite
         vocab = self.model.config.vocab_size
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric for stage in ("val", "test") for name, metric in (
@@ -125,9 +126,10 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, logits, count = self.step(batch)
         logging_step = self.trainer._logger_connector.should_update_logs
-        # checking waits for the device, so on a GPU only at logging steps (and before every checkpoint)
-        if (loss.device.type == "cpu" or logging_step) and not torch.isfinite(loss):
-            self.stop_non_finite(f"loss is {loss.item()}")
+        self.note_non_finite(loss)
+        # reading the note waits for the device, so on a GPU only at logging steps (and before every checkpoint)
+        if not self.waits_for_device() or logging_step:
+            self.check_finite()
         self.tokens_seen += int(batch[0].numel()) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         if logging_step:  # accuracy only when it is logged
@@ -236,13 +238,32 @@ class LanguageModel(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def stop_non_finite(self, what: str) -> None:
-        raise NonFiniteLoss(f"{what} at step {self.global_step}: stopping; the checkpoints written so far are "
-                            "kept (try a lower learning rate or gradient clipping)")
+    def waits_for_device(self) -> bool:
+        """Whether reading a value computed here waits for the device's queue (a GPU, not the CPU)."""
+        return self.device.type != "cpu"
+
+    def note_non_finite(self, loss: torch.Tensor) -> None:
+        """Keep the step and value of the first non-finite loss (scalar tensors), without waiting for the device."""
+        if self.first_bad is None:
+            self.first_bad = (torch.full((), -1, device=loss.device), torch.zeros((), device=loss.device))
+        step, value = self.first_bad
+        first = ~torch.isfinite(loss.detach()) & (step < 0)
+        self.first_bad = (torch.where(first, self.global_step, step), torch.where(first, loss.detach().float(), value))
+
+    def check_finite(self) -> None:
+        """Stop, naming the step, if a loss noted since the start was NaN or inf."""
+        if self.first_bad is not None and self.first_bad[0] >= 0:
+            step, value = (t.item() for t in self.first_bad)
+            self.stop_non_finite(f"loss is {value}", step)
+
+    def stop_non_finite(self, what: str, step: int | None = None) -> None:
+        raise NonFiniteLoss(f"{what} at step {self.global_step if step is None else step}: stopping; the checkpoints "
+                            "written so far are kept (try a lower learning rate or gradient clipping)")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store what `xlab.checkpoint.load_checkpoint` needs to rebuild the model without Lightning.
         Weights that are no longer finite are never saved."""
+        self.check_finite()  # a NaN loss since the last logging step: name its step rather than the weights'
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             self.stop_non_finite("weights are NaN or inf")
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -14,7 +14,9 @@ with the fields of `Source`, or a list of them (concatenated in order):
 
 from __future__ import annotations
 
+import glob
 import logging
+import platform
 import re
 import sysconfig
 from collections import Counter
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import huggingface_hub
 
 log = logging.getLogger(__name__)
 BUILTIN_STDLIB = "builtin:python-stdlib"
@@ -63,6 +66,27 @@ def python_stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "site-packages", "dist-packages", "idle_test"}
     return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+
+
+def source_state(src: Source) -> list:
+    """What the documents of a source depend on beyond its options, read without loading it: the interpreter
+    whose standard library is the built-in corpus; the (name, size, modification time) of every file of a local
+    source; for a Hub dataset, the commit its revision resolved to in the local Hugging Face cache, once a
+    download has resolved it (None before; no network call)."""
+    if src.path == BUILTIN_STDLIB:
+        return [platform.python_implementation(), platform.python_version()]
+    path = Path(src.path).expanduser()
+    if path.is_dir():  # hidden files (.git, editors' swap files) hold no documents
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
+            part.startswith(".") for part in f.relative_to(path).parts))
+    elif path.exists() or any(c in src.path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
+    else:
+        ref = Path(huggingface_hub.constants.HF_HUB_CACHE, f"datasets--{src.path.replace('/', '--')}", "refs",
+                   src.revision or "main")
+        return [ref.read_text().strip() if ref.is_file() else None]
+    return [[str(f.relative_to(path)) if path.is_dir() else str(f), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files]
 
 
 def builder_for(file: str | Path) -> str | None:

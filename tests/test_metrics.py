@@ -1,0 +1,160 @@
+"""Training metrics: throughput and MFU over every micro-batch of a logging interval, the peak-FLOPs table,
+the step a non-finite loss is reported at, and DDP evaluation that counts every window once."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from conftest import run_script, tiny_args
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.loggers import Logger
+from test_data import make_corpus
+from test_distributed import DDP, free_port
+from torch.utils.data import DataLoader
+
+from xlab import callbacks
+from xlab.callbacks import Throughput
+from xlab.data import XLabDataModule
+from xlab.module import LanguageModel, NonFiniteLoss, next_token_loss
+from xlab.transformer import TransformerConfig
+
+ARCH = TransformerConfig(vocab_size=40, context=8, n_layers=1, n_heads=2, d_model=16)
+
+
+class Recorder(Logger):
+    """Keeps the last metrics logged at each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: dict[int, dict] = {}
+
+    name, version = "recorder", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.steps.setdefault(step, {}).update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class FakeClock:
+    """Stands for time.perf_counter: micro-batch i (from 0) lasts durations[i % len(durations)] seconds. Listed
+    before Throughput, its hooks move the time to the start, then the end, of each micro-batch."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.batches = durations, 0.0, 0
+
+    def perf_counter(self):
+        return self.now
+
+    def callback(self):
+        clock = self
+
+        class Tick(L.Callback):
+            def on_train_batch_end(self, *args):
+                clock.now += clock.durations[clock.batches % len(clock.durations)]
+                clock.batches += 1
+
+        return Tick()
+
+
+def random_batches(n: int, batch: int, generator_seed: int = 0):
+    g = torch.Generator().manual_seed(generator_seed)
+    return [(torch.randint(0, ARCH.vocab_size, (batch, ARCH.context), generator=g),
+             torch.randint(0, ARCH.vocab_size, (batch, ARCH.context), generator=g)) for _ in range(n)]
+
+
+def trainer(tmp_path, steps: int, callbacks_: list, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     default_root_dir=tmp_path, callbacks=callbacks_, **kwargs)
+
+
+def test_throughput_counts_every_micro_batch_of_the_logging_interval(tmp_path, monkeypatch):
+    clock = FakeClock([1.0, 3.0])  # the two micro-batches of a step last 1 s and 3 s
+    monkeypatch.setattr(callbacks, "time", clock)
+    batch, peak = 2, 1e9
+    logger = Recorder()
+    run = trainer(tmp_path, 4, [clock.callback(), Throughput(peak_flops=peak)], accumulate_grad_batches=2,
+                  log_every_n_steps=2, logger=logger)
+    module = LanguageModel(ARCH)
+    run.fit(module, DataLoader(random_batches(8, batch), batch_size=None))
+    # each logging interval: 2 steps x 2 micro-batches of batch x context tokens, in 2 x (1 + 3) seconds
+    tokens_per_s = 2 * 2 * batch * ARCH.context / 8.0
+    logged = {step: m["perf/tokens_per_s"] for step, m in logger.steps.items() if "perf/tokens_per_s" in m}
+    assert logged == {1: pytest.approx(tokens_per_s), 3: pytest.approx(tokens_per_s)}
+    mfu = module.model.flops_per_token()["total"] * tokens_per_s / peak
+    assert logger.steps[3]["perf/mfu"] == pytest.approx(mfu)
+
+
+@pytest.mark.parametrize("name, dtype, expected", [
+    # dense datasheet figures: bf16 / tf32 / fp32
+    ("NVIDIA H200", torch.bfloat16, 989.4e12),  # Lightning's table has no plain H200
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),
+    ("NVIDIA H100 PCIe", torch.float16, 756e12),
+    ("NVIDIA H100 NVL", torch.bfloat16, 835.5e12),
+    ("NVIDIA B200", torch.bfloat16, 2.25e15),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, 156e12),  # TF32 matmuls: float32 precision "high"
+    ("NVIDIA L40S", torch.bfloat16, 362.05e12),  # Lightning reads it as an L4
+    ("AMD Instinct MI300X", torch.bfloat16, 1307.4e12),
+])
+def test_peak_flops_table_by_device_name(monkeypatch, name, dtype, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert callbacks.peak_flops(torch.device("cuda", 0), dtype) == pytest.approx(expected)
+
+
+def test_peak_flops_fall_back_to_lightning_and_yield_to_the_option(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    gpu = torch.device("cuda", 0)
+    assert callbacks.peak_flops(gpu, torch.bfloat16) == get_available_flops(gpu, torch.bfloat16) == 82.6e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=gpu), precision="bf16-mixed")
+    module = LanguageModel(ARCH)
+    for option, expected in ((None, 989.4e12), (123e12, 123e12)):
+        throughput = Throughput(peak_flops=option)
+        throughput.on_train_start(trainer, module)
+        assert throughput.peak_flops == expected
+
+
+def test_non_finite_loss_names_its_step_when_only_logging_steps_check(tmp_path, monkeypatch):
+    # as on a GPU, where checking every step would wait for the device: only logging steps (every 5th) check
+    monkeypatch.setattr(LanguageModel, "waits_for_device", lambda self: True)
+    module = LanguageModel(ARCH)
+
+    def loss_fn(logits, targets):  # the loss turns NaN at step 2, between the logging steps 0 and 4
+        loss = next_token_loss(logits, targets)
+        return loss * float("nan") if module.global_step == 2 else loss
+
+    module.loss_fn = loss_fn
+    run = trainer(tmp_path, 8, [], log_every_n_steps=5, logger=Recorder())
+    with pytest.raises(NonFiniteLoss, match=r"at step 2\b"):
+        run.fit(module, DataLoader(random_batches(8, 2), batch_size=None))
+
+
+def val_loss(output: str) -> float:
+    """The val/loss row of the table `xlab.py validate` prints."""
+    [row] = [line for line in output.splitlines() if " val/loss " in line]
+    return float(row.strip("│┃ ").split()[-1])
+
+
+def test_ddp_validation_counts_each_window_once(tmp_path):
+    # short documents, 3 of them in val: 9 windows, which a padding sampler would even out to 10 for 2 ranks
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, n=30)
+    options = {"data.source": corpus, "data.val_size": 3, "data.max_documents": "null", "data.predict_size": 1,
+               "trainer.limit_val_batches": 1.0, "data.batch_size": 2}
+    args = tiny_args(tmp_path, steps=1, **options)
+    run_script("xlab.py", "fit", *args)
+    dm = XLabDataModule(source=str(corpus), data_dir=str(tmp_path / "data"), vocab_size=300, context=32,
+                        val_size=3, predict_size=1)
+    dm.setup("validate")
+    assert len(dm.windows["val"]) % 2 == 1
+    ckpt = f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/last.ckpt"
+    one = val_loss(run_script("xlab.py", "validate", *args, ckpt).stdout)
+    two = val_loss(run_script("xlab.py", "validate", *args, ckpt, *(f"--{k}={v}" for k, v in DDP.items()),
+                              "--trainer.devices=2", env={"MASTER_PORT": str(free_port())}).stdout)
+    assert two == pytest.approx(one, rel=1e-6, abs=0)
