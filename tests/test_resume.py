@@ -158,7 +158,8 @@ def test_sigterm_while_training_saves_last_ckpt_and_resumes_exactly(work, straig
     with pytest.raises(SIGTERMException):
         fit(work, "sigterm", total_steps(work), sigterm_at(at))
     assert load_checkpoint(last(work, "sigterm")).meta["step"] == at
-    fit(work, "sigterm", total_steps(work), "--ckpt_path=last")  # the newest last.ckpt under the run's folder
+    # with a DataLoader worker, which draws indices as soon as Lightning creates the loader, before it sets the epoch
+    fit(work, "sigterm", total_steps(work), "--ckpt_path=last", **{"data.num_workers": 1})  # the newest last.ckpt
     assert_same_curve(straight, work / "sigterm")
     assert_same_curve(straight, work / "sigterm", "val/loss")
 
@@ -219,3 +220,10 @@ def test_resuming_on_another_number_of_devices_draws_no_window_twice(before, aft
     if before == after:  # the same ranks: each continues its own order of the straight run
         assert rest == [list(sampler)[batches * size:][: len(order)] for sampler, order in
                         zip(samplers(after), rest, strict=True)]
+
+
+def test_a_resumed_sampler_starts_in_its_epoch_before_lightning_sets_it():
+    sampler, reference = ShuffledSampler(range(50), seed=1), ShuffledSampler(range(50), seed=1)
+    sampler.resume(epoch=3, seen=8)
+    reference.set_epoch(3)
+    assert list(sampler) == list(reference)[8:]
