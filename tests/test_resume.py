@@ -158,7 +158,8 @@ def test_sigterm_while_training_saves_last_ckpt_and_resumes_exactly(work, straig
     with pytest.raises(SIGTERMException):
         fit(work, "sigterm", total_steps(work), sigterm_at(at))
     assert load_checkpoint(last(work, "sigterm")).meta["step"] == at
-    fit(work, "sigterm", total_steps(work), "--ckpt_path=last")  # the newest last.ckpt under the run's folder
+    # with a DataLoader worker, which draws indices as soon as Lightning creates the loader, before it sets the epoch
+    fit(work, "sigterm", total_steps(work), "--ckpt_path=last", **{"data.num_workers": 1})  # the newest last.ckpt
     assert_same_curve(straight, work / "sigterm")
     assert_same_curve(straight, work / "sigterm", "val/loss")
 
@@ -175,15 +176,18 @@ def test_sigterm_during_validation_saves_and_validates_again(work, straight):
     assert_same_curve(straight, work / "sigterm-validating", "val/loss")
 
 
-def test_sigterm_between_micro_batches_resumes_at_the_step_boundary(work, straight_accumulated):
-    steps, at = total_steps(work, ACCUMULATE), 2 * ACCUMULATE + 1  # step 3 has had one micro-batch of three
+@pytest.mark.parametrize("where", ["mid-epoch", "next epoch"])
+def test_sigterm_between_micro_batches_resumes_at_the_step_boundary(work, straight_accumulated, where):
+    # after one micro-batch of step 3, or of the first step of epoch 1 (Lightning steps on an epoch's last batch)
+    epoch = per_epoch(work)
+    at, step = (2 * ACCUMULATE + 1, 2) if where == "mid-epoch" else (epoch + 1, -(-epoch // ACCUMULATE))
+    steps, run = total_steps(work, ACCUMULATE), f"sigterm-accumulating-{at}"
     with pytest.raises(SIGTERMException):
-        fit(work, "sigterm-accumulating", steps, sigterm_at(at), accumulate=ACCUMULATE)
-    assert load_checkpoint(last(work, "sigterm-accumulating")).meta["step"] == 2
-    fit(work, "sigterm-accumulating", steps, f"--ckpt_path={last(work, 'sigterm-accumulating')}",
-        accumulate=ACCUMULATE)
-    assert_same_curve(straight_accumulated, work / "sigterm-accumulating")
-    assert_same_curve(straight_accumulated, work / "sigterm-accumulating", "val/loss")
+        fit(work, run, steps, sigterm_at(at), accumulate=ACCUMULATE)
+    assert load_checkpoint(last(work, run)).meta["step"] == step
+    fit(work, run, steps, f"--ckpt_path={last(work, run)}", accumulate=ACCUMULATE)
+    assert_same_curve(straight_accumulated, work / run)
+    assert_same_curve(straight_accumulated, work / run, "val/loss")
 
 
 @pytest.mark.parametrize("before, after", [(2, 3), (3, 2), (1, 4), (4, 1), (2, 2)])
@@ -219,3 +223,10 @@ def test_resuming_on_another_number_of_devices_draws_no_window_twice(before, aft
     if before == after:  # the same ranks: each continues its own order of the straight run
         assert rest == [list(sampler)[batches * size:][: len(order)] for sampler, order in
                         zip(samplers(after), rest, strict=True)]
+
+
+def test_a_resumed_sampler_starts_in_its_epoch_before_lightning_sets_it():
+    sampler, reference = ShuffledSampler(range(50), seed=1), ShuffledSampler(range(50), seed=1)
+    sampler.resume(epoch=3, seen=8)
+    reference.set_epoch(3)
+    assert list(sampler) == list(reference)[8:]

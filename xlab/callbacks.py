@@ -154,8 +154,9 @@ class PreemptionCheckpoint(L.Callback):
         folder = Path(checkpoint.dirpath) if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath \
             else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-        self.validation_interrupted = trainer.validating
+        self.validation_interrupted = trainer.validating  # read by on_save_checkpoint
         trainer.save_checkpoint(path)
+        self.validation_interrupted = False
         log.warning("SIGTERM received at step %d%s: saved %s", trainer.global_step,
                     " during validation" if trainer.validating else "", path)
 
