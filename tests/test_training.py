@@ -168,10 +168,12 @@ def test_evaluating_an_unreadable_checkpoint_is_one_line(tmp_path, damage):
     (["--model.optimizer=torch.optim.SGD", "--model.optimizer.init_args.lr=0.5",
       "--model.optimizer.init_args.weight_decay=0.01"], 0.5, 0.01, 0.0),  # the optimizer's own settings win
 ])
-def test_any_optimizer_takes_the_models_learning_rate_and_weight_decay(tmp_path, flags, lr, decay, momentum):
+def test_any_optimizer_takes_the_models_learning_rate_and_weight_decay(tmp_path, monkeypatch, flags, lr, decay,
+                                                                       momentum):
     from xlab.cli import DEFAULTS, XLabCLI
     from xlab.data import XLabDataModule
 
+    monkeypatch.setattr(sys, "argv", ["xlab.py"])  # pytest's own arguments are not the CLI's
     args = tiny_args(tmp_path, **{"model.learning_rate": 0.02, "model.weight_decay": 0.3}) + flags
     cli = XLabCLI(LanguageModel, XLabDataModule, args=args, run=False,
                   parser_kwargs={"default_config_files": [str(DEFAULTS)]})
