@@ -563,3 +563,8 @@ def test_evaluation_uses_the_checkpoints_tokenizer_and_data(tmp_path, capsys):
     sha = Tokenizer.from_str(ckpt["tokenizer"]).sha256()
     assert Tokenizer.load(new / "tokenizer.json").sha256() == sha
     assert json.loads((new / "val.json").read_text())["tokenizer_sha256"] == sha
+
+
+def test_max_documents_below_one_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="data.max_documents=0"):
+        XLabDataModule(max_documents=0, data_dir=str(tmp_path))

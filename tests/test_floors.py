@@ -5,7 +5,8 @@ its package that has it. The test looks the API up in the installed package, so 
 not exist, and checks that the floor in pyproject.toml is at least that release. The releases were read from the
 packages' own wheels when the entry was written (datasets 3.6.0 has no `List`, 4.0.0 has; lightning 2.3.0 is the
 first with `instantiate_module`, 2.5.5 the first whose CLI calls `_parse_ckpt_path`; torch 2.6 added
-`get_total_norm`, 2.4 `nn.RMSNorm`). The suite itself is run at the installed versions only.
+`get_total_norm`, 2.4 `nn.RMSNorm`; tokenizers 0.21 `encode_batch_fast`). The suite itself is run at the installed
+versions only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ NEEDS = [  # (distribution, module, attribute, first release that has it, the co
     ("torch", "torch.nn.utils", "get_total_norm", "2.6", "torch.nn.utils.get_total_norm("),
     ("torch", "torch.nn", "RMSNorm", "2.4", "nn.RMSNorm("),
     ("datasets", "datasets", "List", "4.0", "datasets.List("),
+    ("tokenizers", "tokenizers", "Tokenizer.encode_batch_fast", "0.21", ".encode_batch_fast("),
     # rebuilds the saved hyperparameters of a LanguageModel made in Python
     ("lightning", "lightning.pytorch.cli", "instantiate_module", "2.3", '"lightning.pytorch.cli.instantiate_module"'),
     # XLabCLI overrides it to take the architecture from --ckpt_path; an older LightningCLI never calls it

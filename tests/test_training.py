@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import lightning as L
 import pytest

@@ -330,6 +330,9 @@ class XLabDataModule(L.LightningDataModule):
         self.sources = as_sources(source)
         if not isinstance(source, str):  # plain data in checkpoints' hyperparameters, not dataclasses
             self.hparams.source = [asdict(s) for s in self.sources]
+        if max_documents is not None and max_documents < 1:
+            raise ValueError(f"data.max_documents={max_documents} leaves nothing to train on: give at least 1, "
+                             "or null for every document")
         self.sizes = {"val": val_size, "test": test_size, "predict": predict_size}
         check_sizes(self.sizes)
         self.special_tokens = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)

@@ -47,7 +47,6 @@ class Source:
     data_files: str | list[str] | None = None  # restrict to these files (globs, relative to path)
     sample_by: Literal["document", "line", "paragraph"] = "document"  # plain text: one document per ...
     delimiter: str | None = None  # plain text: documents are separated by this string
-    trust_remote_code: bool = False  # never on unless the config says so
 
     def describe(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in (("name", self.name), ("revision", self.revision)) if v)
@@ -159,8 +158,6 @@ def _load(src: Source, cache_dir: str | None, num_proc: int | None = None) -> da
         kwargs.update(path=builder, data_files=src.data_files or str(path), name=None)
     else:  # a Hub id, or a local folder laid out like a Hub dataset repository
         kwargs.update(path=str(path) if local else src.path, revision=None if local else src.revision)
-        if src.trust_remote_code:
-            kwargs["trust_remote_code"] = True
     if kwargs["path"] == "text" or (local and path.is_dir() and _folder_builder(path) == "text"):
         # plain text: one document per file unless told otherwise; odd bytes must not stop a 20 GB run
         sample_by = "document" if src.delimiter else src.sample_by
