@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, run_script, tiny_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from xlab.checkpoint import load_checkpoint
 from xlab.module import IGNORE_INDEX, LanguageModel
@@ -73,10 +74,20 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
     # the same run interrupted at step 3, then resumed from its last checkpoint up to step 6
     common["trainer.logger.init_args.save_dir"] = tmp_path / "b"
     run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=3, **common))
-    # "last": the newest run's last.ckpt (b/version_0), though this run logs to b/version_1
+    first = torch.load(tmp_path / "b/version_0/checkpoints/last.ckpt", weights_only=False)
+    # "last": the newest run's last.ckpt; the resumed run continues in its folder (one TensorBoard run)
     run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=6, **common), "--ckpt_path=last")
-    resumed = tmp_path / "b/version_1/checkpoints/last.ckpt"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["version_0"]
+    resumed = tmp_path / "b/version_0/checkpoints/last.ckpt"
     assert load_checkpoint(resumed).meta["step"] == 6
+    # the best-k bookkeeping went on from the first part's: its step-3 checkpoint is still among the best
+    [state] = [v for k, v in torch.load(resumed, weights_only=False)["callbacks"].items() if "ModelCheckpoint" in k]
+    [first_state] = [v for k, v in first["callbacks"].items() if "ModelCheckpoint" in k]
+    assert set(first_state["best_k_models"]) <= set(state["best_k_models"]) and len(state["best_k_models"]) == 2
+    assert state["best_model_score"] == min(state["best_k_models"].values())
+    events = EventAccumulator(str(tmp_path / "b/version_0"))
+    events.Reload()
+    assert sorted({e.step for e in events.Scalars("train/loss")}) == list(range(6))  # one curve, steps 0-5
     a, b = weights(straight), weights(resumed)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)

@@ -5,17 +5,25 @@ Configs layer as code defaults < conf/defaults.yaml < each `-c FILE` < command-l
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
+import shutil
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.cli import LightningCLI, _get_short_description
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
-from xlab.checkpoint import CheckpointError, read_export_meta
+from xlab.callbacks import FlopsSummary, PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
+from xlab.checkpoint import CheckpointError, read_export_meta, read_training_checkpoint
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
 
@@ -23,6 +31,14 @@ DEFAULTS = Path(__file__).resolve().parent.parent / "conf" / "defaults.yaml"
 
 
 DATA_COMMANDS = ("prepare_data", "train_tokenizer", "compute_stats")  # XLabDataModule methods, no trainer needed
+EVALUATIONS = ("validate", "test", "predict")
+DESCRIPTIONS = {  # Lightning's docstrings describe the Trainer methods, not what they do here
+    "fit": "Train the model, or resume a run with --ckpt_path (into the same run folder).",
+    "validate": "Report val/loss, val/perplexity and val/accuracy of a checkpoint (--ckpt_path) on the val split.",
+    "test": "Report test/loss, test/perplexity and test/accuracy of a checkpoint (--ckpt_path) on the test split.",
+    "predict": "Continue prompts with a checkpoint (--ckpt_path) and write them to predictions.jsonl.",
+}
+info = rank_zero_only(logging.getLogger(__name__).info)
 
 
 class XLabCLI(LightningCLI):
@@ -37,31 +53,82 @@ class XLabCLI(LightningCLI):
         subcommands = parser.add_subcommands()
         for name in self.subcommands():
             klass = XLabDataModule if name in DATA_COMMANDS else self.trainer_class
-            sub_kwargs = {"description": _get_short_description(getattr(klass, name)), **kwargs.get(name, {})}
+            sub_kwargs = {"description": DESCRIPTIONS.get(name) or first_paragraph(getattr(klass, name)),
+                          **kwargs.get(name, {})}
             self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
             subcommands.add_subcommand(name, self._subcommand_parsers[name], help=sub_kwargs["description"])
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in EVALUATIONS:
+            parser.add_argument("--untrained", type=bool, default=False,
+                                help="evaluate a freshly initialised model on purpose, without --ckpt_path")
+        return parser
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in DATA_COMMANDS:
             getattr(self.datamodule, subcommand)()
-        else:
+            return
+        log_dir = Path(self.trainer.log_dir)
+        fresh = not log_dir.exists()
+        try:
             super()._run_subcommand(subcommand)
+        except BaseException:
+            # a command that failed before doing anything leaves no run folder for TensorBoard to list
+            if fresh and self.trainer.is_global_zero and not started(self.trainer, subcommand):
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """Lightning applies all of a checkpoint's hyperparameters over the config. Only the architecture must
         come from the checkpoint (its weights fit no other); the rest (generation, optimiser, schedule) stays
-        as the config and command line give it, so `predict --model.generation...` does what it says."""
+        as the config and command line give it, so `predict --model.generation...` does what it says.
+        `model.init_from` likewise brings its checkpoint's architecture, so that the config saved with the run
+        records the architecture actually trained."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path == "last":  # each run logs to a new version folder: "last" means the newest run's
-            ckpt_path = self.config[subcommand].ckpt_path = str(latest_checkpoint(self.config[subcommand]))
+        if subcommand in DATA_COMMANDS or not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":  # the newest run's
+            ckpt_path = config.ckpt_path = str(latest_checkpoint(config))
+        init_from = config.model.get("init_from")
+        if subcommand in EVALUATIONS and not (ckpt_path or init_from or config.untrained):
+            raise ValueError(f"{subcommand} needs the checkpoint to evaluate: pass --ckpt_path=PATH (or last), "
+                             "or --untrained=true to score a freshly initialised model on purpose")
+        if init_from:
+            self.use_arch(subcommand, checkpoint_arch(Path(init_from)))
         if ckpt_path and Path(ckpt_path).is_dir():
             self.use_export(subcommand, Path(ckpt_path))
         elif ckpt_path and Path(ckpt_path).is_file():
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters",
-                                                                                                   {})
-            if "arch" in hparams:
-                self.config = self.parser.parse_object({subcommand: {"model": {"arch": hparams["arch"]}}}, self.config)
+            self.use_arch(subcommand, checkpoint_arch(Path(ckpt_path)))
+        self.place_logs(subcommand, Path(ckpt_path) if ckpt_path else None)
+
+    def use_arch(self, subcommand: str, arch: dict) -> None:
+        self.config = self.parser.parse_object({subcommand: {"model": {"arch": arch}}}, self.config)
+
+    def place_logs(self, subcommand: str, ckpt_path: Path | None) -> None:
+        """Resuming a checkpoint of a run folder (`<run>/checkpoints/*.ckpt`) logs to that folder: one
+        TensorBoard run, and ModelCheckpoint's best-k bookkeeping restored (Lightning restores it only into the
+        same folder). An evaluation logs to `<run>/eval/<stage>-<time>/`, or `<logs>/eval/<stage>-<time>/` for a
+        checkpoint outside a run folder. TensorBoard and CSV loggers only."""
+        args = logger_args(self.config[subcommand])
+        if args is None or (subcommand == "fit" and ckpt_path is None):
+            return
+        run = ckpt_path.parent.parent if ckpt_path and ckpt_path.parent.name == "checkpoints" else None
+        if subcommand == "fit":
+            if run is None:
+                return
+            root = Path(args.save_dir or ".") / (args.name or "")
+            if root.resolve() != run.parent.resolve():  # else the config's own path, kept as the run wrote it
+                args.save_dir, args.name = str(run.parent), ""
+            args.version = run.name
+            return
+        # only rank 0 writes logs, and every rank reads the log folder from it (Trainer.log_dir broadcasts):
+        # nodes whose clocks read another second agree on the folder
+        base = run if run is not None else Path(args.save_dir or ".") / (args.name or "")
+        args.save_dir, args.name = str(base / "eval"), ""
+        args.version = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def use_export(self, subcommand: str, folder: Path) -> None:
         """An exported checkpoint (a folder: weights, architecture, tokenizer) holds no training state for
@@ -84,19 +151,60 @@ class XLabCLI(LightningCLI):
                             help="sequences per optimizer step over all devices; sets gradient accumulation")
 
     def instantiate_trainer(self, **kwargs):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config.trainer)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(PreemptionCheckpoint())
-        if type(trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default bar: ours instead
-            bar = trainer.progress_bar_callback
-            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
+        replace_callback(trainer, trainer.progress_bar_callback, RichProgressBar, ProgressBar())
+        for summary in [c for c in trainer.callbacks if type(c) in (ModelSummary, RichModelSummary)]:
+            replace_callback(trainer, summary, type(summary), FlopsSummary(summary._max_depth))
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
         check_hardware(trainer)
-        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("global_batch_size"):
-            trainer.accumulate_grad_batches = accumulation_steps(
+            # the saved config.yaml holds the same object: it records the accumulation that ran
+            trainer.accumulate_grad_batches = config.trainer.accumulate_grad_batches = accumulation_steps(
                 config.global_batch_size, config.data.batch_size, trainer.world_size)
+            info("global batch %d = %d sequences x %d device%s x %d accumulated batches", config.global_batch_size,
+                     config.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
+                     trainer.accumulate_grad_batches)
         return trainer
+
+
+def replace_callback(trainer, callback, kind: type, replacement) -> None:
+    """Put `replacement` in the place of `callback` when it is exactly Lightning's `kind` (not a user's subclass)."""
+    if type(callback) is kind:
+        trainer.callbacks[trainer.callbacks.index(callback)] = replacement
+
+
+def first_paragraph(component: object) -> str:
+    return " ".join(inspect.cleandoc(component.__doc__ or "").split("\n\n")[0].split())
+
+
+def started(trainer, subcommand: str) -> bool:
+    """Whether a command made an optimizer step (fit) or evaluated a batch."""
+    if subcommand == "fit":
+        return trainer.global_step > 0
+    loop = getattr(trainer, f"{subcommand}_loop")
+    return loop.batch_progress.total.completed > 0
+
+
+def checkpoint_arch(path: Path) -> dict:
+    """The architecture a checkpoint's weights were trained with: an export's xlab.json, or a training
+    checkpoint's `xlab` entry (written from the model itself, whatever the config said)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return read_export_meta(path)["arch"] if path.is_dir() else read_training_checkpoint(path)["arch"]
+
+
+def logger_args(config) -> Namespace | None:
+    """The init_args of the configured logger when it is TensorBoard's or CSV (folders save_dir/name/version)."""
+    logger = config.trainer.get("logger")
+    if not isinstance(logger, Namespace) or "class_path" not in logger:
+        return None
+    module, _, name = logger.class_path.rpartition(".")
+    kind = getattr(importlib.import_module(module), name)
+    return logger.init_args if issubclass(kind, (TensorBoardLogger, CSVLogger)) else None
 
 
 def latest_checkpoint(config) -> Path:
@@ -119,6 +227,19 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     return global_batch // per_step
 
 
+def check_accelerator(trainer_config) -> None:
+    """Checked before the Trainer exists, whose own message for the same ("No supported gpu backend found!")
+    names no fix; and DDP on a machine without GPUs runs `devices` CPU processes."""
+    accelerator, devices = trainer_config.get("accelerator"), trainer_config.get("devices")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator is {accelerator} but this machine has no GPU: "
+                         "use --trainer.accelerator=auto (or cpu)")
+    if "ddp" in str(trainer_config.get("strategy")) and not torch.cuda.is_available():
+        processes = 1 if devices == "auto" else devices
+        info("DDP on the CPU: %s process%s per node (set the number with --trainer.devices=N)", processes,
+                 "es" * (str(processes) != "1"))
+
+
 def check_hardware(trainer) -> None:
     """Combinations that cannot work fail here, before any data is prepared."""
     device = trainer.strategy.root_device
@@ -129,16 +250,30 @@ def check_hardware(trainer) -> None:
         raise ValueError("FSDP needs GPUs; on the CPU use strategy ddp (conf/extra/ddp.yaml)")
 
 
+def quiet_third_parties() -> None:
+    """Lightning's advertising tips and a deprecation inside Lightning's own code (torch's LeafSpec, used by
+    lightning.pytorch.utilities._pytree) say nothing about the run."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip:"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module="lightning.pytorch.utilities._pytree")
+
+
 def main(args: list[str] | None = None) -> None:
     # parse errors raise instead of printing the whole usage (hundreds of lines) before the message
-    defaults = {"default_config_files": [str(DEFAULTS)] if DEFAULTS.is_file() else [], "exit_on_error": False}
+    # a key must be spelt out: a prefix (--trainer.max_step) is an error, not the key it begins
+    strict = {"exit_on_error": False, "allow_abbrev": False}
+    defaults = {"default_config_files": [str(DEFAULTS)] if DEFAULTS.is_file() else [], **strict}
+    quiet_third_parties()
     try:
-        XLabCLI(LanguageModel, XLabDataModule, args=args,
-                parser_kwargs={"exit_on_error": False, **{cmd: defaults for cmd in XLabCLI.subcommands()}},
+        # auto_configure_optimizers off: the optimizer and schedule are the model's (model.optimizer, .schedule)
+        XLabCLI(LanguageModel, XLabDataModule, args=args, auto_configure_optimizers=False,
+                parser_kwargs={**strict, **{cmd: defaults for cmd in XLabCLI.subcommands()}},
                 save_config_kwargs={"overwrite": True})
     except ArgumentError as err:
         detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])  # key, then what is wrong
-        sys.exit(f"error: {detail} (see ./xlab.py SUBCOMMAND --help)")
+        command = next((a for a in (sys.argv[1:] if args is None else args) if a in XLabCLI.subcommands()), None)
+        sys.exit(f"error: {detail} (see ./xlab.py {command + ' ' if command else ''}--help)")
     except (ValueError, OSError, CheckpointError, MisconfigurationException, NonFiniteLoss) as err:
         # configuration and input problems: one line that names the problem, no traceback
         sys.exit(f"error: {err}")

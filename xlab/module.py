@@ -58,8 +58,10 @@ class LanguageModel(L.LightningModule):
                  sample_prompts: list[str] | None = None, sample_tokens: int = 64,
                  generation: GenerationConfig = GenerationConfig(strategy="greedy", max_new_tokens=64)):
         super().__init__()
+        model = self.initial_model(arch, init_from)
+        arch = model.config  # what save_hyperparameters records: the architecture trained, init_from's if given
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model = self.initial_model(arch, init_from)
+        self.model = model
         self.loss_fn = next_token_loss
         self.optimizer_factory = optimizer
         self.schedule = schedule
