@@ -72,6 +72,13 @@ def test_evaluating_without_a_checkpoint_is_refused(tmp_path, stage):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs")
+@pytest.mark.parametrize("flag, fix", [("--trainer.accelerator=gpu", "--trainer.accelerator=auto"),
+                                       ("--trainer.devices=-1", "--trainer.devices=N")])
+def test_asking_for_gpus_without_any_is_one_line_naming_the_fix(tmp_path, flag, fix):
+    assert fix in error_of("fit", *tiny_args(tmp_path), flag)
+
+
 def test_evaluations_are_written_with_the_run_they_evaluate(tmp_path):
     args = tiny_args(tmp_path, steps=2)
     run_script("xlab.py", "fit", *args)

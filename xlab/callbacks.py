@@ -156,8 +156,8 @@ class FlopsSummary(ModelSummary):
         console = get_console()
         console.print(table)
         trainable, total = summary.trainable_parameters, summary.total_parameters
-        console.print(f"Trainable params: {get_human_readable_count(trainable)}, non-trainable: "
-                      f"{get_human_readable_count(total - trainable)}, size "
+        console.print(f"Trainable params: {get_human_readable_count(trainable).strip()}, non-trainable: "
+                      f"{get_human_readable_count(total - trainable).strip()}, size "
                       f"{get_formatted_model_size(summary.model_size)} MB\n"
                       f"Training FLOPs per token: {pl_module.model.flops_per_token()['total']:,} (6N + attention)",
                       highlight=False)

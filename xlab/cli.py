@@ -228,16 +228,21 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
 
 
 def check_accelerator(trainer_config) -> None:
-    """Checked before the Trainer exists, whose own message for the same ("No supported gpu backend found!")
-    names no fix; and DDP on a machine without GPUs runs `devices` CPU processes."""
+    """Checked before the Trainer exists, whose own messages for the same ("No supported gpu backend found!", a
+    TypeError) name no fix; DDP on a machine without GPUs runs `devices` CPU processes, and says so."""
+    if torch.cuda.is_available():
+        return
     accelerator, devices = trainer_config.get("accelerator"), trainer_config.get("devices")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if accelerator in ("gpu", "cuda"):
         raise ValueError(f"trainer.accelerator is {accelerator} but this machine has no GPU: "
                          "use --trainer.accelerator=auto (or cpu)")
-    if "ddp" in str(trainer_config.get("strategy")) and not torch.cuda.is_available():
+    if devices in (-1, "-1"):
+        raise ValueError("trainer.devices is -1 (every GPU) but this machine has no GPU: "
+                         "use --trainer.devices=N for N processes on the CPU")
+    if "ddp" in str(trainer_config.get("strategy")):
         processes = 1 if devices == "auto" else devices
         info("DDP on the CPU: %s process%s per node (set the number with --trainer.devices=N)", processes,
-                 "es" * (str(processes) != "1"))
+             "es" * (str(processes) != "1"))
 
 
 def check_hardware(trainer) -> None:
@@ -250,11 +255,14 @@ def check_hardware(trainer) -> None:
         raise ValueError("FSDP needs GPUs; on the CPU use strategy ddp (conf/extra/ddp.yaml)")
 
 
+def not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
+
+
 def quiet_third_parties() -> None:
-    """Lightning's advertising tips and a deprecation inside Lightning's own code (torch's LeafSpec, used by
-    lightning.pytorch.utilities._pytree) say nothing about the run."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡 Tip:"))
+    """Lightning's advertising tips, and a deprecation inside Lightning's own code (torch's LeafSpec, used by
+    lightning.pytorch.utilities._pytree), say nothing about the run."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_a_tip)  # once, however often called
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module="lightning.pytorch.utilities._pytree")
 
