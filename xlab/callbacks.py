@@ -80,8 +80,8 @@ class PreemptionCheckpoint(L.Callback):
 
 class PredictionWriter(BasePredictionWriter):
     """`predict` writes one JSON line per prompt, `{"prompt": str, "completions": [str]}`, to
-    `predictions.jsonl` in the run's log folder (rank r > 0 of a multi-process run: `predictions.rank{r}.jsonl`),
-    batch by batch, so a long run shows its progress in the file."""
+    `predictions.jsonl` in the log folder (`<run>/eval/predict-<time>/`; rank r > 0 of a multi-process run:
+    `predictions.rank{r}.jsonl`), batch by batch, so a long run shows its progress in the file."""
 
     def __init__(self):
         super().__init__(write_interval="batch")

@@ -166,8 +166,8 @@ class XLabCLI(LightningCLI):
             trainer.accumulate_grad_batches = config.trainer.accumulate_grad_batches = accumulation_steps(
                 config.global_batch_size, config.data.batch_size, trainer.world_size)
             info("global batch %d = %d sequences x %d device%s x %d accumulated batches", config.global_batch_size,
-                     config.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
-                     trainer.accumulate_grad_batches)
+                 config.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
+                 trainer.accumulate_grad_batches)
         return trainer
 
 
