@@ -116,7 +116,7 @@ def test_init_from_records_the_architecture_it_trains_and_resumes(tmp_path):
     for recorded in (ckpt["hyper_parameters"]["arch"], config["model"]["arch"], hparams["arch"]):
         recorded = recorded if isinstance(recorded, dict) else vars(recorded)
         assert (recorded["n_layers"], recorded["position"]) == (trained.n_layers, trained.position), recorded
-    # resuming and evaluating its checkpoints need no --model.init_from
+    # resuming its checkpoints needs no --model.init_from (it was a multi-page state_dict traceback)
     run_script("xlab.py", "fit", *tuned, "--trainer.max_steps=3", "--ckpt_path=last")
     assert load_checkpoint(run / "checkpoints/last.ckpt").meta["step"] == 3
 
