@@ -552,7 +552,7 @@ def test_evaluation_uses_the_checkpoints_tokenizer_and_data(tmp_path, capsys):
     folders = set((tmp_path / "data").iterdir())
     with pytest.raises(SystemExit) as refused:
         validate()
-    message = str(refused.value.code)
+    message = str(refused.value)
     assert message.startswith("error: ") and ckpt["data_fingerprint"] in message
     assert "--data.allow_other_data=true" in message and set((tmp_path / "data").iterdir()) == folders
     other = XLabDataModule(data_dir=str(tmp_path / "data"), max_documents=40, vocab_size=300).fingerprint()

@@ -51,7 +51,8 @@ def test_two_nodes_on_localhost_fit_validate_predict(tmp_path):
         assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
         assert command[0] != "validate" or "val/loss" in outputs[0]
     assert (tmp_path / "logs/version_0/checkpoints/last.ckpt").is_file()
-    # each node wrote its share of the 8 predict-split prompts into the same run folder
+    # each node wrote its share of the 8 predict-split prompts into the same folder, in the evaluated run's
+    [predict] = (tmp_path / "logs/version_0/eval").glob("predict-*")
     rows = [json.loads(line) for name in ("predictions.jsonl", "predictions.rank1.jsonl")
-            for line in (tmp_path / "logs/version_2" / name).read_text().splitlines()]
+            for line in (predict / name).read_text().splitlines()]
     assert len(rows) == 8 and all(len(row["completions"]) == 1 for row in rows)

@@ -33,14 +33,15 @@ def test_fit_validate_test_export_infer(tmp_path):
         out = run_script("xlab.py", stage, *args, f"--ckpt_path={ckpt}").stdout
         losses[stage] = reported(out, key)
 
-    # predict (the run after fit, validate and test): greedy continuations of the given prompts, each after
+    # predict: greedy continuations of the given prompts, each after
     # an end-of-document token, against a reference loop of full forward passes
     prompts = ["def ", "import os\n", "class A:"]
     prompts_file = tmp_path / "prompts.jsonl"  # a prompts file; JSON lines, since a prompt holds a newline
     prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     run_script("xlab.py", "predict", *args, f"--ckpt_path={ckpt}", f"--data.prompts={prompts_file}",
                "--model.generation.max_new_tokens=10")
-    rows = [json.loads(line) for line in (tmp_path / "logs/version_3/predictions.jsonl").read_text().splitlines()]
+    [predictions] = (run_dir / "eval").glob("predict-*/predictions.jsonl")  # with the run it evaluates
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     loaded = load_checkpoint(ckpt)
     tok = loaded.tokenizer
     expected = [tok.decode(greedy_reference(loaded.model, [tok.eos_id, *tok.encode(p)], 10, tok.eos_id,

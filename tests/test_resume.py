@@ -95,8 +95,8 @@ def fit(work: Path, name: str, steps: int, *flags: str, accumulate: int = 1, **o
         main(["fit", *args, *flags, f"--global_batch_size={4 * accumulate}"])
 
 
-def last(work: Path, name: str, version: int = 0) -> Path:
-    return work / name / f"version_{version}/checkpoints/last.ckpt"
+def last(work: Path, name: str) -> Path:
+    return work / name / "version_0/checkpoints/last.ckpt"
 
 
 def sigterm_at(batches: int, validation: bool = False) -> str:
@@ -105,10 +105,12 @@ def sigterm_at(batches: int, validation: bool = False) -> str:
 
 
 def curves(run: Path, tag: str = "train/loss") -> list[dict[int, float]]:
-    """`tag`'s value at each logging step, for each version (each start) of a run, in order."""
+    """`tag`'s value at each logging step, for each start of a run, in order. A resumed run logs to the folder of the
+    run it resumes (one TensorBoard run), each start to an events file of its own."""
+    assert [p.name for p in run.iterdir()] == ["version_0"], "a resumed run continues in its own folder"
     found = []
-    for version in sorted(run.glob("version_*"), key=lambda v: int(v.name.split("_")[1])):
-        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+    for file in sorted(run.glob("version_0/events.out.tfevents.*"), key=lambda f: f.stat().st_mtime_ns):
+        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
         events.Reload()
         found.append({e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {})
     return found
@@ -147,7 +149,7 @@ def test_training_longer_from_a_finished_run_is_exact(work, straight, where):
     fit(work, run, total_steps(work), f"--ckpt_path={last(work, run)}", **{"trainer.limit_val_batches": 0})
     assert [min(part) for part in curves(work / run)] == [0, stop]
     assert_same_curve(straight, work / run)
-    final, resumed = load_checkpoint(last(work, "straight")), load_checkpoint(last(work, run, version=1))
+    final, resumed = load_checkpoint(last(work, "straight")), load_checkpoint(last(work, run))
     assert final.meta["step"] == resumed.meta["step"] == total_steps(work)
     for name, weight in final.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], weight, rtol=0, atol=1e-5, msg=name)
@@ -155,8 +157,9 @@ def test_training_longer_from_a_finished_run_is_exact(work, straight, where):
 
 def test_sigterm_while_training_saves_last_ckpt_and_resumes_exactly(work, straight):
     at = per_epoch(work) + 2 if (per_epoch(work) + 2) % VAL_EVERY else per_epoch(work) + 3  # epoch 1, no validation
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(SIGTERMException) as stopped:
         fit(work, "sigterm", total_steps(work), sigterm_at(at))
+    assert stopped.value.code == 128 + signal.SIGTERM  # as a process ended by SIGTERM: schedulers restart it
     assert load_checkpoint(last(work, "sigterm")).meta["step"] == at
     # with a DataLoader worker, which draws indices as soon as Lightning creates the loader, before it sets the epoch
     fit(work, "sigterm", total_steps(work), "--ckpt_path=last", **{"data.num_workers": 1})  # the newest last.ckpt
@@ -174,6 +177,15 @@ def test_sigterm_during_validation_saves_and_validates_again(work, straight):
     # the interrupted validation (logged at the step's index, at - 1) is done again, in full, by the resumed run
     assert at - 1 in curves(work / "sigterm-validating", "val/loss")[1]
     assert_same_curve(straight, work / "sigterm-validating", "val/loss")
+    # ModelCheckpoint's top-k bookkeeping goes on in the same folder: the straight run's best checkpoints
+    [resumed], [reference] = (best_k(last(work, name)) for name in ("sigterm-validating", "straight"))
+    assert {Path(p).name for p in resumed["best_k_models"]} == {Path(p).name for p in reference["best_k_models"]}
+    assert resumed["best_model_score"].item() == pytest.approx(reference["best_model_score"].item(), abs=1e-5)
+
+
+def best_k(checkpoint: Path) -> list[dict]:
+    states = torch.load(checkpoint, weights_only=True)["callbacks"]
+    return [state for name, state in states.items() if name.startswith("ModelCheckpoint")]
 
 
 @pytest.mark.parametrize("where", ["mid-epoch", "next epoch"])

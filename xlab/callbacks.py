@@ -1,9 +1,11 @@
-"""Callbacks: throughput and MFU, a checkpoint on SIGTERM (preemption), the predictions file, the progress bar."""
+"""Callbacks: throughput and MFU, a checkpoint on SIGTERM (preemption), the predictions file, the progress bar,
+the model summary."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -11,9 +13,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ModelSummary, RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 
 log = logging.getLogger(__name__)
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
@@ -167,8 +170,8 @@ class PreemptionCheckpoint(L.Callback):
 
 class PredictionWriter(BasePredictionWriter):
     """`predict` writes one JSON line per prompt, `{"prompt": str, "completions": [str]}`, to
-    `predictions.jsonl` in the run's log folder (rank r > 0 of a multi-process run: `predictions.rank{r}.jsonl`),
-    batch by batch, so a long run shows its progress in the file."""
+    `predictions.jsonl` in the log folder (`<run>/eval/predict-<time>/`; rank r > 0 of a multi-process run:
+    `predictions.rank{r}.jsonl`), batch by batch, so a long run shows its progress in the file."""
 
     def __init__(self):
         super().__init__(write_interval="batch")
@@ -188,8 +191,25 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar without the logger's version number (`v_num`), and "Epoch 0" rather than
-    "Epoch 0/-2" for runs bounded by max_steps (Lightning then sets max_epochs to -1)."""
+    """Lightning's rich progress bar counting optimizer steps rather than batches (they differ under gradient
+    accumulation): up to max_steps, from the step a resumed run starts at; without the logger's version number
+    (`v_num`), and "Epoch 0" rather than "Epoch 0/-2" for runs bounded by max_steps (Lightning then sets
+    max_epochs to -1)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """The run's optimizer steps (max_steps), else an epoch's."""
+        trainer = self.trainer
+        return trainer.max_steps if trainer.max_steps > 0 else \
+            math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._epoch_start_step = trainer.global_step if trainer.max_steps <= 0 else 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # which counts batches
+        self._update(self.train_progress_bar_id, trainer.global_step - self._epoch_start_step)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
@@ -201,3 +221,33 @@ class ProgressBar(RichProgressBar):
         max_epochs = self.trainer.max_epochs
         return description.replace(f"/{max_epochs - 1}", "") if max_epochs is not None and max_epochs < 0 \
             else description
+
+
+class FlopsSummary(ModelSummary):
+    """Lightning's model summary table without its FLOPs column and total, which Lightning counts only on an
+    `example_input_array` (0 without one), and with the model's training FLOPs per token instead
+    (`Transformer.flops_per_token()`, the figure behind MFU)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._max_depth:
+            return
+        summary = self._summary(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary._get_summary_data() if name != "FLOPs"]
+        table = Table(header_style="bold magenta")
+        for name, _ in columns:
+            table.add_column(name, justify="right" if name == "Params" else "left")
+        for row in zip(*(values for _, values in columns), strict=True):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        trainable, total = summary.trainable_parameters, summary.total_parameters
+        console.print(f"Trainable params: {get_human_readable_count(trainable).strip()}, non-trainable: "
+                      f"{get_human_readable_count(total - trainable).strip()}, size "
+                      f"{get_formatted_model_size(summary.model_size)} MB\n"
+                      f"Training FLOPs per token: {pl_module.model.flops_per_token()['total']:,} (6N + attention)",
+                      highlight=False)

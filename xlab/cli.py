@@ -5,17 +5,26 @@ Configs layer as code defaults < conf/defaults.yaml < each `-c FILE` < command-l
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
+import shutil
+import signal
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.cli import LightningCLI, _get_short_description
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from xlab.callbacks import PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
+from xlab.callbacks import FlopsSummary, PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
 from xlab.checkpoint import EXPORT_TOKENIZER, CheckpointError, read_checkpoint_file, read_export_meta
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
@@ -25,6 +34,14 @@ DEFAULTS = Path(__file__).resolve().parent.parent / "conf" / "defaults.yaml"
 
 
 DATA_COMMANDS = ("prepare_data", "train_tokenizer", "compute_stats")  # XLabDataModule methods, no trainer needed
+EVALUATIONS = ("validate", "test", "predict")
+DESCRIPTIONS = {  # Lightning's docstrings describe the Trainer methods, not what they do here
+    "fit": "Train the model, or resume a run with --ckpt_path (into the same run folder).",
+    "validate": "Report val/loss, val/perplexity and val/accuracy of a checkpoint (--ckpt_path) on the val split.",
+    "test": "Report test/loss, test/perplexity and test/accuracy of a checkpoint (--ckpt_path) on the test split.",
+    "predict": "Continue prompts with a checkpoint (--ckpt_path) and write them to predictions.jsonl.",
+}
+info = rank_zero_only(logging.getLogger(__name__).info)
 
 
 class XLabCLI(LightningCLI):
@@ -41,34 +58,86 @@ class XLabCLI(LightningCLI):
         subcommands = parser.add_subcommands()
         for name in self.subcommands():
             klass = XLabDataModule if name in DATA_COMMANDS else self.trainer_class
-            sub_kwargs = {"description": _get_short_description(getattr(klass, name)), **kwargs.get(name, {})}
+            sub_kwargs = {"description": DESCRIPTIONS.get(name) or first_paragraph(getattr(klass, name)),
+                          **kwargs.get(name, {})}
             self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
             subcommands.add_subcommand(name, self._subcommand_parsers[name], help=sub_kwargs["description"])
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in EVALUATIONS:
+            parser.add_argument("--untrained", type=bool, default=False,
+                                help="evaluate a freshly initialised model on purpose, without --ckpt_path")
+        return parser
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in DATA_COMMANDS:
             getattr(self.datamodule, subcommand)()
-        else:
+            return
+        log_dir = Path(self.trainer.log_dir)
+        fresh = not log_dir.exists()
+        try:
             super()._run_subcommand(subcommand)
+        except BaseException:
+            # a command that failed before doing anything leaves no run folder for TensorBoard to list
+            if fresh and self.trainer.is_global_zero and not started(self.trainer, subcommand):
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """Lightning applies all of a checkpoint's hyperparameters over the config. Only the architecture must
         come from the checkpoint (its weights fit no other); the rest (generation, optimiser, schedule) stays
         as the config and command line give it, so `predict --model.generation...` does what it says.
-        Evaluation also takes the checkpoint's tokenizer and checks its data (`XLabDataModule.use_checkpoint`)."""
+        `model.init_from` likewise brings its checkpoint's architecture, so that the config saved with the run
+        records the architecture actually trained. Evaluation also takes the checkpoint's tokenizer and checks its
+        data (`XLabDataModule.use_checkpoint`)."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path == "last":  # each run logs to a new version folder: "last" means the newest run's
-            ckpt_path = self.config[subcommand].ckpt_path = str(latest_checkpoint(self.config[subcommand]))
+        if subcommand in DATA_COMMANDS or not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":  # the newest run's
+            ckpt_path = config.ckpt_path = str(latest_checkpoint(config))
+        init_from = config.model.get("init_from")
+        if subcommand in EVALUATIONS and not (ckpt_path or init_from or config.untrained):
+            raise ValueError(f"{subcommand} needs the checkpoint to evaluate: pass --ckpt_path=PATH (or last), "
+                             "or --untrained=true to score a freshly initialised model on purpose")
+        if init_from:
+            self.use_arch(subcommand, checkpoint_arch(Path(init_from)))
         if ckpt_path and Path(ckpt_path).is_dir():
             self.use_export(subcommand, Path(ckpt_path))
         elif ckpt_path and Path(ckpt_path).is_file():
-            ckpt = read_checkpoint_file(Path(ckpt_path))
-            hparams, meta = ckpt.get("hyper_parameters", {}), ckpt["xlab"]
+            meta = read_checkpoint_file(Path(ckpt_path))["xlab"]
             if subcommand != "fit" and meta.get("tokenizer"):
                 self.evaluated = Tokenizer.from_str(meta["tokenizer"]), meta.get("data_fingerprint")
-            if "arch" in hparams:
-                self.config = self.parser.parse_object({subcommand: {"model": {"arch": hparams["arch"]}}}, self.config)
+            self.use_arch(subcommand, meta["arch"])
+        self.place_logs(subcommand, Path(ckpt_path) if ckpt_path else None)
+
+    def use_arch(self, subcommand: str, arch: dict) -> None:
+        self.config = self.parser.parse_object({subcommand: {"model": {"arch": arch}}}, self.config)
+
+    def place_logs(self, subcommand: str, ckpt_path: Path | None) -> None:
+        """Resuming a checkpoint of a run folder (`<run>/checkpoints/*.ckpt`) logs to that folder: one
+        TensorBoard run, and ModelCheckpoint's best-k bookkeeping restored (Lightning restores it only into the
+        same folder). An evaluation logs to `<run>/eval/<stage>-<time>/`, or `<logs>/eval/<stage>-<time>/` for a
+        checkpoint outside a run folder. TensorBoard and CSV loggers only."""
+        args = logger_args(self.config[subcommand])
+        if args is None or (subcommand == "fit" and ckpt_path is None):
+            return
+        run = ckpt_path.parent.parent if ckpt_path and ckpt_path.parent.name == "checkpoints" else None
+        if subcommand == "fit":
+            if run is None:
+                return
+            root = Path(args.save_dir or ".") / (args.name or "")
+            if root.resolve() != run.parent.resolve():  # else the config's own path, kept as the run wrote it
+                args.save_dir, args.name = str(run.parent), ""
+            args.version = run.name
+            return
+        # only rank 0 writes logs, and every rank reads the log folder from it (Trainer.log_dir broadcasts):
+        # nodes whose clocks read another second agree on the folder
+        base = run if run is not None else Path(args.save_dir or ".") / (args.name or "")
+        args.save_dir, args.name = str(base / "eval"), ""
+        args.version = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def use_export(self, subcommand: str, folder: Path) -> None:
         """An exported checkpoint (a folder: weights, architecture, tokenizer) holds no training state for
@@ -99,19 +168,60 @@ class XLabCLI(LightningCLI):
                             help="sequences per optimizer step over all devices; sets gradient accumulation")
 
     def instantiate_trainer(self, **kwargs):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config.trainer)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(PreemptionCheckpoint())
-        if type(trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default bar: ours instead
-            bar = trainer.progress_bar_callback
-            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
+        replace_callback(trainer, trainer.progress_bar_callback, RichProgressBar, ProgressBar())
+        for summary in [c for c in trainer.callbacks if type(c) in (ModelSummary, RichModelSummary)]:
+            replace_callback(trainer, summary, type(summary), FlopsSummary(summary._max_depth))
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
         check_hardware(trainer, self.subcommand)
-        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("global_batch_size"):
-            trainer.accumulate_grad_batches = accumulation_steps(
+            # the saved config.yaml holds the same object: it records the accumulation that ran
+            trainer.accumulate_grad_batches = config.trainer.accumulate_grad_batches = accumulation_steps(
                 config.global_batch_size, config.data.batch_size, trainer.world_size)
+            info("global batch %d = %d sequences x %d device%s x %d accumulated batches", config.global_batch_size,
+                 config.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
+                 trainer.accumulate_grad_batches)
         return trainer
+
+
+def replace_callback(trainer, callback, kind: type, replacement) -> None:
+    """Put `replacement` in the place of `callback` when it is exactly Lightning's `kind` (not a user's subclass)."""
+    if type(callback) is kind:
+        trainer.callbacks[trainer.callbacks.index(callback)] = replacement
+
+
+def first_paragraph(component: object) -> str:
+    return " ".join(inspect.cleandoc(component.__doc__ or "").split("\n\n")[0].split())
+
+
+def started(trainer, subcommand: str) -> bool:
+    """Whether a command made an optimizer step (fit) or evaluated a batch."""
+    if subcommand == "fit":
+        return trainer.global_step > 0
+    loop = getattr(trainer, f"{subcommand}_loop")
+    return loop.batch_progress.total.completed > 0
+
+
+def checkpoint_arch(path: Path) -> dict:
+    """The architecture a checkpoint's weights were trained with: an export's xlab.json, or a training
+    checkpoint's `xlab` entry (written from the model itself, whatever the config said)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return read_export_meta(path)["arch"] if path.is_dir() else read_checkpoint_file(path)["xlab"]["arch"]
+
+
+def logger_args(config) -> Namespace | None:
+    """The init_args of the configured logger when it is TensorBoard's or CSV (folders save_dir/name/version)."""
+    logger = config.trainer.get("logger")
+    if not isinstance(logger, Namespace) or "class_path" not in logger:
+        return None
+    module, _, name = logger.class_path.rpartition(".")
+    kind = getattr(importlib.import_module(module), name)
+    return logger.init_args if issubclass(kind, (TensorBoardLogger, CSVLogger)) else None
 
 
 def latest_checkpoint(config) -> Path:
@@ -134,6 +244,24 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     return global_batch // per_step
 
 
+def check_accelerator(trainer_config) -> None:
+    """Checked before the Trainer exists, whose own messages for the same ("No supported gpu backend found!", a
+    TypeError) name no fix; DDP on a machine without GPUs runs `devices` CPU processes, and says so."""
+    if torch.cuda.is_available():
+        return
+    accelerator, devices = trainer_config.get("accelerator"), trainer_config.get("devices")
+    if accelerator in ("gpu", "cuda"):
+        raise ValueError(f"trainer.accelerator is {accelerator} but this machine has no GPU: "
+                         "use --trainer.accelerator=auto (or cpu)")
+    if devices in (-1, "-1"):
+        raise ValueError("trainer.devices is -1 (every GPU) but this machine has no GPU: "
+                         "use --trainer.devices=N for N processes on the CPU")
+    if "ddp" in str(trainer_config.get("strategy")):
+        processes = 1 if devices == "auto" else devices
+        info("DDP on the CPU: %s process%s per node (set the number with --trainer.devices=N)", processes,
+             "es" * (str(processes) != "1"))
+
+
 def check_hardware(trainer, subcommand: str | None = None) -> None:
     """Combinations that cannot work fail here, before any data is prepared."""
     if isinstance(trainer.strategy, FSDPStrategy):
@@ -149,16 +277,58 @@ def check_hardware(trainer, subcommand: str | None = None) -> None:
         raise ValueError(f"precision {precision} needs a GPU with bfloat16 support; use 16-mixed or 32")
 
 
+def not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_third_parties() -> None:
+    """Lightning's advertising tips, and a deprecation inside Lightning's own code (torch's LeafSpec, used by
+    lightning.pytorch.utilities._pytree), say nothing about the run."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_a_tip)  # once, however often called
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module="lightning.pytorch.utilities._pytree")
+
+
 def main(args: list[str] | None = None) -> None:
     # parse errors raise instead of printing the whole usage (hundreds of lines) before the message
-    defaults = {"default_config_files": [str(DEFAULTS)] if DEFAULTS.is_file() else [], "exit_on_error": False}
+    # a key must be spelt out: a prefix (--trainer.max_step) is an error, not the key it begins
+    strict = {"exit_on_error": False, "allow_abbrev": False}
+    defaults = {"default_config_files": [str(DEFAULTS)] if DEFAULTS.is_file() else [], **strict}
+    quiet_third_parties()
     try:
-        XLabCLI(LanguageModel, XLabDataModule, args=args,
-                parser_kwargs={"exit_on_error": False, **{cmd: defaults for cmd in XLabCLI.subcommands()}},
+        # auto_configure_optimizers off: the optimizer and schedule are the model's (model.optimizer, .schedule)
+        XLabCLI(LanguageModel, XLabDataModule, args=args, auto_configure_optimizers=False,
+                parser_kwargs={**strict, **{cmd: defaults for cmd in XLabCLI.subcommands()}},
                 save_config_kwargs={"overwrite": True})
     except ArgumentError as err:
         detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])  # key, then what is wrong
-        sys.exit(f"error: {detail} (see ./xlab.py SUBCOMMAND --help)")
-    except (ValueError, OSError, CheckpointError, MisconfigurationException, NonFiniteLoss) as err:
+        command = next((a for a in (sys.argv[1:] if args is None else args) if a in XLabCLI.subcommands()), None)
+        fail(f"{detail} (see ./xlab.py {command + ' ' if command else ''}--help)", BAD_INPUT)
+    except (ValueError, OSError, CheckpointError, MisconfigurationException) as err:
         # configuration and input problems: one line that names the problem, no traceback
-        sys.exit(f"error: {err}")
+        fail(str(err), BAD_INPUT)
+    except NonFiniteLoss as err:  # the run itself failed
+        fail(str(err), 1)
+    except SIGTERMException:
+        # preempted (last.ckpt saved): exit as a process ended by SIGTERM does, so that schedulers restart the job
+        raise SIGTERMException(128 + signal.SIGTERM) from None
+
+
+BAD_INPUT = 2  # the exit status of every bad-input error, as argparse's and infer.py's and manage.py's
+
+
+class Failed(SystemExit):
+    """Ends the process with `status` after printing `error: message` (its str) to stderr, one line."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(status)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message: str, status: int) -> None:
+    failed = Failed(message, status)
+    print(failed, file=sys.stderr)
+    raise failed from None

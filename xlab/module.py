@@ -62,6 +62,8 @@ class LanguageModel(L.LightningModule):
                  sample_prompts: list[str] | None = None, sample_tokens: int = 64,
                  generation: GenerationConfig = GenerationConfig(strategy="greedy", max_new_tokens=64)):
         super().__init__()
+        model = self.initial_model(arch, init_from)
+        arch = model.config  # what save_hyperparameters records: the architecture trained, init_from's if given
         self.save_hyperparameters(ignore=["optimizer"])
         if "_instantiator" not in self.hparams:
             # built in Python, not by the CLI: store the dataclasses as the plain dicts the CLI stores (a pickled
@@ -69,7 +71,7 @@ class LanguageModel(L.LightningModule):
             # uses to turn them back into dataclasses
             self.hparams.update({k: asdict(v) for k, v in self.hparams.items() if is_dataclass(v)},
                                 _instantiator="lightning.pytorch.cli.instantiate_module")
-        self.model = self.initial_model(arch, init_from)
+        self.model = model
         self.loss_fn = next_token_loss
         self.optimizer_factory = optimizer
         self.schedule = schedule
