@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -33,6 +36,24 @@ def run_script(script: str, *args: object, env: dict | None = None, timeout: flo
                             capture_output=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess:
+    """`./xlab.py ARGS` in this process, through the same `xlab.cli.main`: seconds instead of a new interpreter's
+    imports. What it prints (not the log records, whose handlers hold the real streams) and its exit status come
+    back as `run_script` gives them."""
+    from xlab.cli import main
+
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", ["xlab.py"]), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    result = subprocess.CompletedProcess(["xlab.py", *map(str, args)], status, out.getvalue(), err.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"xlab.py failed ({status}):\n{result.stdout}\n{result.stderr}")
     return result
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+import warnings
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_script, tiny_args
+from conftest import ROOT, run_cli, run_script, tiny_args
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from xlab.callbacks import ProgressBar
@@ -81,14 +82,14 @@ def test_asking_for_gpus_without_any_is_one_line_naming_the_fix(tmp_path, flag, 
 
 def test_evaluations_are_written_with_the_run_they_evaluate(tmp_path):
     args = tiny_args(tmp_path, steps=2)
-    run_script("xlab.py", "fit", *args)
+    run_cli("fit", *args)
     run = tmp_path / "logs/version_0"
-    run_script("xlab.py", "validate", *args, f"--ckpt_path={run}/checkpoints/last.ckpt")
+    run_cli("validate", *args, f"--ckpt_path={run}/checkpoints/last.ckpt")
     [validate] = (run / "eval").glob("validate-*")  # (predict: tests/test_end_to_end.py)
     assert re.fullmatch(r"validate-\d{8}-\d{6}", validate.name)
     assert "ckpt_path" in (validate / "config.yaml").read_text() and list(validate.glob("events.out.tfevents.*"))
     # an untrained model on purpose: its scores go to the folder the README names
-    out = run_script("xlab.py", "validate", *args, "--untrained=true").stdout
+    out = run_cli("validate", *args, "--untrained=true").stdout
     assert "val/loss" in out
     assert len(list((tmp_path / "logs/eval").glob("validate-*/config.yaml"))) == 1
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["eval", "version_0"]  # one run
@@ -96,19 +97,19 @@ def test_evaluations_are_written_with_the_run_they_evaluate(tmp_path):
 
 def test_a_fit_that_fails_before_its_first_step_leaves_nothing(tmp_path):
     # infinite initial weights: the first training step stops the run, after the run folder was set up
-    result = run_script("xlab.py", "fit", *tiny_args(tmp_path), "--model.arch.init_std=1e39", check=False)
+    result = run_cli("fit", *tiny_args(tmp_path), "--model.arch.init_std=1e39", check=False)
     assert result.returncode != 0 and "at step 0" in result.stderr, result.stderr
     assert not list((tmp_path / "logs").glob("version_*"))
 
 
 def test_init_from_records_the_architecture_it_trains_and_resumes(tmp_path):
     base = tmp_path / "base/version_0/checkpoints/last.ckpt"
-    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=2,
-                                            **{"trainer.logger.init_args.save_dir": base.parents[2]}))
+    run_cli("fit", *tiny_args(tmp_path, steps=2,
+                                **{"trainer.logger.init_args.save_dir": base.parents[2]}))
     # the config asks for 2 layers with RoPE; the checkpoint has 1 with learned positions, and wins
     tuned = tiny_args(tmp_path, steps=2, **{"trainer.logger.init_args.save_dir": tmp_path / "tuned",
                                             "model.arch.n_layers": 2, "model.arch.position": "rope"})
-    run_script("xlab.py", "fit", *tuned, f"--model.init_from={base}")
+    run_cli("fit", *tuned, f"--model.init_from={base}")
     run = tmp_path / "tuned/version_0"
     trained = load_checkpoint(base).model.config
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True, mmap=True)
@@ -117,7 +118,7 @@ def test_init_from_records_the_architecture_it_trains_and_resumes(tmp_path):
         recorded = recorded if isinstance(recorded, dict) else vars(recorded)
         assert (recorded["n_layers"], recorded["position"]) == (trained.n_layers, trained.position), recorded
     # resuming its checkpoints needs no --model.init_from (it was a multi-page state_dict traceback)
-    run_script("xlab.py", "fit", *tuned, "--trainer.max_steps=3", "--ckpt_path=last")
+    run_cli("fit", *tuned, "--trainer.max_steps=3", "--ckpt_path=last")
     assert load_checkpoint(run / "checkpoints/last.ckpt").meta["step"] == 3
 
 
@@ -170,3 +171,15 @@ def test_readme_and_default_config_agree_on_the_default_run():
     steps = yaml.safe_load((ROOT / "conf/defaults.yaml").read_text())["trainer"]["max_steps"]
     readme = (ROOT / "README.md").read_text()
     assert f"context 256, {steps} steps" in readme and f"checkpoints/step{steps}-val" in readme
+
+
+def test_an_evaluation_warns_of_no_checkpoint_folder(tmp_path):
+    """validate/test/predict write no checkpoints: the run's ModelCheckpoint state is not restored into the
+    evaluation's folder, which Lightning warned about ('The dirpath has changed ...') on every evaluation."""
+    args = tiny_args(tmp_path, steps=2)
+    run_cli("fit", *args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("validate", *args, "--ckpt_path=last")
+    assert "val/loss" in result.stdout
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]

@@ -1,4 +1,5 @@
-"""The whole loop as a user runs it: fit, validate, test, export, infer, through the real scripts."""
+"""The whole loop as a user runs it: fit, validate, test, export, infer, through the real scripts (the later
+xlab.py commands in this process, through the same `main`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_script, tiny_args
+from conftest import run_cli, run_script, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_export import greedy_reference
 
@@ -30,7 +31,7 @@ def test_fit_validate_test_export_infer(tmp_path):
 
     losses = {}
     for stage, key in (("validate", "val/loss"), ("test", "test/loss")):
-        out = run_script("xlab.py", stage, *args, f"--ckpt_path={ckpt}").stdout
+        out = run_cli(stage, *args, f"--ckpt_path={ckpt}").stdout
         losses[stage] = reported(out, key)
 
     # predict: greedy continuations of the given prompts, each after
@@ -38,7 +39,7 @@ def test_fit_validate_test_export_infer(tmp_path):
     prompts = ["def ", "import os\n", "class A:"]
     prompts_file = tmp_path / "prompts.jsonl"  # a prompts file; JSON lines, since a prompt holds a newline
     prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    run_script("xlab.py", "predict", *args, f"--ckpt_path={ckpt}", f"--data.prompts={prompts_file}",
+    run_cli("predict", *args, f"--ckpt_path={ckpt}", f"--data.prompts={prompts_file}",
                "--model.generation.max_new_tokens=10")
     [predictions] = (run_dir / "eval").glob("predict-*/predictions.jsonl")  # with the run it evaluates
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
@@ -55,17 +56,17 @@ def test_fit_validate_test_export_infer(tmp_path):
     assert ckpt.stat().st_size > 2.5 * (exported / "model.safetensors").stat().st_size  # no optimizer state
 
     # the exported folder evaluates like the checkpoint it came from, and fit fine-tunes from it
-    out = run_script("xlab.py", "validate", *args, f"--ckpt_path={exported}").stdout
+    out = run_cli("validate", *args, f"--ckpt_path={exported}").stdout
     assert reported(out, "val/loss") == pytest.approx(losses["validate"], abs=1e-6)
     tuned = tmp_path / "tuned"  # learning rate 0: the fine-tuned weights must still be the exported ones
-    run_script("xlab.py", "fit", *tiny_args(tmp_path, steps=2, **{"trainer.logger.init_args.save_dir": tuned}),
+    run_cli("fit", *tiny_args(tmp_path, steps=2, **{"trainer.logger.init_args.save_dir": tuned}),
                f"--model.init_from={exported}", "--model.learning_rate=0")
     start = load_checkpoint(exported).model.state_dict()
     after = load_checkpoint(tuned / "version_0/checkpoints/last.ckpt")
     for name, value in start.items():
         torch.testing.assert_close(after.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
     assert after.meta["step"] == 2
-    refused = run_script("xlab.py", "fit", *args, f"--ckpt_path={exported}", check=False)
+    refused = run_cli("fit", *args, f"--ckpt_path={exported}", check=False)
     assert refused.returncode != 0 and "--model.init_from" in refused.stderr.strip().splitlines()[-1]
 
     # greedy decoding is deterministic: both checkpoint forms give the same continuation

@@ -42,7 +42,8 @@ def fit(tmp_path: Path, name: str, *extra: str, steps: int = STEPS) -> Path:
 
 
 def events(root: Path) -> list[EventAccumulator]:
-    runs = [EventAccumulator(str(folder)) for folder in sorted(root.glob("version_*"))]
+    # a resumed run logs to its own folder, each start to an events file of its own
+    runs = [EventAccumulator(str(file)) for file in sorted(root.glob("version_*/events.out.tfevents.*"))]
     for run in runs:
         run.Reload()
     return runs
@@ -74,7 +75,7 @@ def test_fsdp_matches_ddp_resumes_and_its_checkpoint_loads(tmp_path, capsys):
     expected_samples = samples(ddp)
     assert sorted(expected_samples) == [2, 4, 6, 8] and samples(fsdp) == expected_samples
 
-    ckpt = fsdp / "version_1/checkpoints/last.ckpt"
+    ckpt = fsdp / "version_0/checkpoints/last.ckpt"
     sharded, reference = load_checkpoint(ckpt), load_checkpoint(ddp / "version_0/checkpoints/last.ckpt")
     assert sharded.meta["step"] == STEPS and sharded.meta["tokens_seen"] == reference.meta["tokens_seen"]
     for name, weight in reference.model.state_dict().items():
@@ -139,7 +140,7 @@ def test_refused_combinations(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["xlab.py"])  # the arguments are main's, not pytest's
     args = tiny_args(tmp_path, **{"trainer.accelerator": "cpu", "trainer.devices": 2})
     with pytest.raises(SystemExit, match="^error: predict cannot run sharded.*--trainer.strategy=ddp"):
-        main(["predict", "-c", str(ROOT / "conf/extra/fsdp.yaml"), *args])
+        main(["predict", "-c", str(ROOT / "conf/extra/fsdp.yaml"), *args, "--untrained=true"])
     assert not (tmp_path / "data").exists()
     with pytest.raises(ValueError, match="FSDP v1.*conf/extra/fsdp.yaml"):  # Lightning allows it on GPUs only
         check_hardware(SimpleNamespace(strategy=FSDPStrategy()))

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_script, tiny_args
+from conftest import ROOT, run_cli, tiny_args
 
 from xlab.checkpoint import load_checkpoint
 from xlab.module import IGNORE_INDEX, LanguageModel
@@ -61,7 +61,7 @@ def test_evaluation_metrics_match_direct_computation():
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
     # a learning rate of 1e30 sends the weights to inf after the first update
     args = tiny_args(tmp_path, steps=50, **{"model.learning_rate": 1e30, "model.schedule.warmup_steps": 1})
-    result = run_script("xlab.py", "fit", *args, check=False)
+    result = run_cli("fit", *args, check=False)
     assert result.returncode == 1  # a failed run, not bad input (2)
     assert "at step" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not list((tmp_path / "logs").rglob("*.ckpt"))  # nothing with NaN weights was saved
@@ -74,17 +74,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
     (["--model.arch.n_heads=x"], 'Parser key "model.arch.n_heads": Expected a <class \'int\'>. Got value: x'),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, args, message):
-    result = run_script("xlab.py", "fit", *tiny_args(tmp_path), *args, check=False)
+    result = run_cli("fit", *tiny_args(tmp_path), *args, check=False)
     assert result.returncode == 2  # bad input, as for infer.py and manage.py
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "usage:" not in result.stderr
 
 
 def test_validate_and_test_report_loss_perplexity_accuracy(tmp_path):
-    run_script("xlab.py", "fit", *tiny_args(tmp_path))
+    run_cli("fit", *tiny_args(tmp_path))
     ckpt = tmp_path / "logs/version_0/checkpoints/last.ckpt"
     for stage in ("validate", "test"):
-        out = run_script("xlab.py", stage, *tiny_args(tmp_path), f"--ckpt_path={ckpt}").stdout
+        out = run_cli(stage, *tiny_args(tmp_path), f"--ckpt_path={ckpt}").stdout
         prefix = "val" if stage == "validate" else "test"
         for metric in ("loss", "perplexity", "accuracy"):
             assert f"{prefix}/{metric}" in out, out

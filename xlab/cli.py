@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichModelSummary, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -175,6 +175,8 @@ class XLabCLI(LightningCLI):
         replace_callback(trainer, trainer.progress_bar_callback, RichProgressBar, ProgressBar())
         for summary in [c for c in trainer.callbacks if type(c) in (ModelSummary, RichModelSummary)]:
             replace_callback(trainer, summary, type(summary), FlopsSummary(summary._max_depth))
+        if self.subcommand in EVALUATIONS:  # which save nothing: restoring their state only warned of the folder
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
         check_hardware(trainer, self.subcommand)
