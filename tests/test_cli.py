@@ -183,3 +183,10 @@ def test_an_evaluation_warns_of_no_checkpoint_folder(tmp_path):
         result = run_cli("validate", *args, "--ckpt_path=last")
     assert "val/loss" in result.stdout
     assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+
+
+def test_global_batch_and_another_accumulation_are_refused(tmp_path):
+    # 12 sequences of 4 on one device is 3 accumulated batches, not 2
+    message = error_of("fit", *tiny_args(tmp_path), "--global_batch_size=12", "--trainer.accumulate_grad_batches=2")
+    assert "3 accumulated batches" in message and "accumulate_grad_batches is 2" in message
+    assert not (tmp_path / "data").exists()

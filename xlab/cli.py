@@ -181,9 +181,13 @@ class XLabCLI(LightningCLI):
             trainer.callbacks.append(PredictionWriter())
         check_hardware(trainer, self.subcommand)
         if config.get("global_batch_size"):
+            steps = accumulation_steps(config.global_batch_size, config.data.batch_size, trainer.world_size)
+            asked = config.trainer.get("accumulate_grad_batches") or 1
+            if asked not in (1, steps):  # (a run's saved config.yaml holds both, agreeing)
+                raise ValueError(f"--global_batch_size={config.global_batch_size} means {steps} accumulated batches, "
+                                 f"but trainer.accumulate_grad_batches is {asked}: set one of them, not both")
             # the saved config.yaml holds the same object: it records the accumulation that ran
-            trainer.accumulate_grad_batches = config.trainer.accumulate_grad_batches = accumulation_steps(
-                config.global_batch_size, config.data.batch_size, trainer.world_size)
+            trainer.accumulate_grad_batches = config.trainer.accumulate_grad_batches = steps
             info("global batch %d = %d sequences x %d device%s x %d accumulated batches", config.global_batch_size,
                  config.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
                  trainer.accumulate_grad_batches)
