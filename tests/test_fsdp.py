@@ -37,7 +37,9 @@ def fit(tmp_path: Path, name: str, *extra: str, steps: int = STEPS) -> Path:
         "trainer.accelerator": "cpu", "trainer.devices": 2, "trainer.precision": "32",
         "trainer.gradient_clip_val": 0.5, "model.schedule.total_steps": STEPS, "model.sample_tokens": 12,
         "throughput.peak_flops": PEAK_FLOPS, "trainer.logger.init_args.save_dir": tmp_path / name})
-    run_script("xlab.py", "fit", *extra, *args, env={"MASTER_PORT": str(free_port())})
+    result = run_script("xlab.py", "fit", *extra, *args, env={"MASTER_PORT": str(free_port())})
+    for noise in ("returned a view tensor", "sync_dist=True"):  # FSDP2's and Lightning's, about nothing wrong here
+        assert noise not in result.stderr, result.stderr
     return tmp_path / name
 
 

@@ -293,6 +293,12 @@ def quiet_third_parties() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_a_tip)  # once, however often called
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module="lightning.pytorch.utilities._pytree")
+    # sharded: the logits (a reshaped view) are only read by the loss, never written in place, as the warning fears
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTransformer\) returned a view tensor",
+                            module="torch.distributed.fsdp._fully_shard._fsdp_state")
+    # under DDP: val/test metrics are torchmetrics' results, synced across processes already (xlab.module)
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/",
+                            module="lightning.pytorch.trainer.connectors.logger_connector.result")
 
 
 def main(args: list[str] | None = None) -> None:
