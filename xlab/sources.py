@@ -84,8 +84,8 @@ def source_state(src: Source) -> list:
         ref = Path(huggingface_hub.constants.HF_HUB_CACHE, f"datasets--{src.path.replace('/', '--')}", "refs",
                    src.revision or "main")
         return [ref.read_text().strip() if ref.is_file() else None]
-    return [[str(f.relative_to(path)) if path.is_dir() else str(f), f.stat().st_size, f.stat().st_mtime_ns]
-            for f in files]
+    stats = ((f, f.stat()) for f in files)  # one stat call a file: a local corpus can have many
+    return [[str(f.relative_to(path)) if path.is_dir() else str(f), st.st_size, st.st_mtime_ns] for f, st in stats]
 
 
 def builder_for(file: str | Path) -> str | None:
