@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from xlab.tokenizer import BOS, EOS, PAD, Tokenizer
+from xlab.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's 2024, isn't it? We'll see, they'd say.",
@@ -142,3 +142,38 @@ def test_unreadable_tokenizer_files_are_one_line_errors(tmp_path):
     bad.unlink()
     with pytest.raises(ValueError, match="GPT-2 tokenizer files"):
         Tokenizer.load(tmp_path)
+
+
+def test_token_bytes_are_tiktokens_bytes_per_token(gpt2_pair, trained):
+    """Bits per byte divides by these: tiktoken's own bytes for every token, special tokens 0."""
+    xlab, reference = gpt2_pair
+    lengths = xlab.token_bytes()
+    assert lengths[xlab.eos_id] == 0
+    assert [n for i, n in enumerate(lengths) if i != xlab.eos_id] == [
+        len(reference.decode_single_token_bytes(i)) for i in range(reference.n_vocab) if i != reference.eot_token]
+    own = trained.token_bytes()
+    assert [own[trained.hf.token_to_id(t)] for t in SPECIAL_TOKENS] == [0, 0, 0]
+    for text in CORPUS[:4]:  # a document's tokens add up to its UTF-8 length, multi-byte characters split or not
+        assert sum(own[i] for i in trained.encode(text)) == len(text.encode())
+
+
+def test_token_bytes_of_a_sentencepiece_style_vocabulary():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    trained = HFTokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    trained.train_from_iterator(CORPUS[:2], trainers.BpeTrainer(vocab_size=150, show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    # Llama 2's layout: <unk>, the specials, the 256 fallback bytes, then the learned pieces
+    vocab = {t: i for i, t in enumerate(["<unk>", EOS, *(f"<0x{b:02X}>" for b in range(256))])}
+    vocab |= {t: len(vocab) + i for i, t in enumerate(learned["vocab"])}
+    sp = HFTokenizer(models.BPE(vocab, [tuple(m) for m in learned["merges"]], unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = trained.pre_tokenizer
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    sp.add_special_tokens(["<unk>", EOS])
+    tok = Tokenizer(sp)
+    lengths = tok.token_bytes()
+    for text in ("hello world", "naïve 日本 🙂\n"):  # "▁" stands for the prepended space; unseen bytes fall back
+        ids = tok.encode(text)
+        assert sum(lengths[i] for i in ids) == len(tok.decode(ids).encode()) == len((" " + text).encode()), text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -62,6 +63,31 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self) -> list[int]:
+        """The number of UTF-8 bytes each token id stands for in decoded text, a list of `vocab_size`: what bits
+        per byte divides by. Special tokens (end of document, BOS, padding) stand for no text and count 0.
+
+        Byte-level BPE (XLab's, GPT-2's, Llama 3's) spells each byte as one character, so a token's length is its
+        byte count even when it holds part of a multi-byte character. SentencePiece-style vocabularies
+        (Llama 2's) spell a space as "▁" (1 byte) and a fallback byte as "<0xNN>" (1 byte).
+        """
+        byte_level = "ByteLevel" in json.dumps(json.loads(self.to_str()).get("decoder"))
+        added = self.hf.get_added_tokens_decoder()  # spelled as plain text, not in the byte alphabet
+        lengths = []
+        for i in range(self.vocab_size):
+            token = self.hf.id_to_token(i)
+            if token is None or (i in added and added[i].special):
+                lengths.append(0)
+            elif i in added:
+                lengths.append(len(added[i].content.encode()))
+            elif byte_level:
+                lengths.append(len(token))
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                lengths.append(1)
+            else:
+                lengths.append(len(token.replace("\u2581", " ").encode()))
+        return lengths
 
     def sha256(self) -> str:
         """Checksum of the tokenizer's full definition: caches of encoded tokens are only valid for it."""
