@@ -290,12 +290,10 @@ class Attention(nn.Module):
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.dropout = config.dropout_attn
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
-                cache: KVCache | None) -> Tensor:
-        """x (B, T, C) -> (B, T, C).
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, G, T, D): projected, QK-normed and rotated (RoPE).
 
-        rope: cos, sin broadcastable to (B, H, T, D); mask (B or 1, H or 1, T, S) added to the scores, or None
-        for plain causal attention.
+        rope: cos, sin broadcastable to (B, H, T, D), or None.
         """
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
@@ -311,6 +309,17 @@ class Attention(nn.Module):
         if (rope is not None or self.q_norm is not None) and torch.is_grad_enabled():
             # q and k are new tensors now; a view v would keep the whole fused qkv output alive for backward
             v = v.contiguous()
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        rope: cos, sin broadcastable to (B, H, T, D); mask (B or 1, H or 1, T, S) added to the scores, or None
+        for plain causal attention.
+        """
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
@@ -318,6 +327,49 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def probabilities(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None) -> Tensor:
+        """The attention probabilities (B, H, T, T) of `forward` without a cache, in float32, before dropout:
+        softmax(q k^T / sqrt(D) + mask), spelt out where `forward` leaves them inside SDPA.
+
+        x, rope and mask as `forward` takes them; mask None is plain causal attention.
+        """
+        q, k, _ = self.project(x, rope)
+        q, k = q.float(), k.float()
+        # grouped-query attention: query head h reads key head h // (H / G), as SDPA's enable_gqa repeats them
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if mask is None:  # -inf above the diagonal: no query sees a later key
+            T = x.shape[1]
+            mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
+        return (scores + mask.float()).softmax(-1)
+
+
+def attention_maps(model: Transformer, idx: Tensor) -> Tensor:
+    """The attention probabilities of every layer and head for token ids idx (B, T): (L, B, H, T, T), float32.
+
+    maps[l, b, h, t] is how query position t of layer l, head h spreads over the keys 0..t: causal, each row
+    summing to 1, the model's own position bias (ALiBi) included. One forward pass, in eval mode (no dropout)
+    and without gradients; each layer's probabilities are worked out from what its attention receives
+    (`Attention.probabilities`), so the ordinary forward keeps SDPA and pays nothing for this.
+    """
+    maps = []
+
+    def record(attn: Attention, args: tuple, output: Tensor) -> None:
+        x, rope, mask, _ = args  # as Block calls it: (x, rope, mask, cache)
+        maps.append(attn.probabilities(x, rope, mask))
+
+    hooks = [block.attn.register_forward_hook(record) for block in model.blocks]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(idx)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(maps)
 
 
 class MLP(nn.Module):
