@@ -1,5 +1,5 @@
 """Callbacks: throughput and MFU, a checkpoint on SIGTERM (preemption), the predictions file, the progress bar,
-the model summary."""
+the model summary, attention maps in TensorBoard."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, M
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+from torch.distributed.fsdp import FSDPModule
+
+from xlab.attention import MAX_TOKENS, figure_class, prompt_figure
+from xlab.fsdp import full_copy
+from xlab.module import eager
 
 log = logging.getLogger(__name__)
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
@@ -251,3 +256,47 @@ class FlopsSummary(ModelSummary):
                       f"{get_formatted_model_size(summary.model_size)} MB\n"
                       f"Training FLOPs per token: {pl_module.model.flops_per_token()['total']:,} (6N + attention)",
                       highlight=False)
+
+
+class AttentionMaps(L.Callback):
+    """At the end of each validation of `fit` and `validate` (not the sanity check), log the attention maps of
+    each prompt to TensorBoard's IMAGES tab as `attention/<i>`: every layer and head over the prompt's first
+    `max_tokens` tokens (`xlab.attention.prompt_figure`). prompts: default the model's `sample_prompts`, encoded
+    as `log_samples` encodes them. Rank 0 draws them; a sharded model (FSDP) is first gathered into a full copy,
+    which every rank takes part in. Needs matplotlib (the `plot` extra), checked when the run starts.
+
+        trainer:
+          callbacks:
+            - class_path: xlab.callbacks.AttentionMaps
+    """
+
+    def __init__(self, prompts: list[str] | None = None, max_tokens: int = MAX_TOKENS):
+        if max_tokens < 1:
+            raise ValueError(f"AttentionMaps: max_tokens must be >= 1, got {max_tokens}")
+        self.prompts = prompts
+        self.max_tokens = max_tokens
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        figure_class()  # matplotlib missing: fail now rather than at the first validation
+        if "" in self._prompts(pl_module):
+            raise ValueError("AttentionMaps: an empty prompt has no tokens to draw")
+
+    def _prompts(self, pl_module: L.LightningModule) -> list[str]:
+        return self.prompts if self.prompts is not None else list(pl_module.hparams.get("sample_prompts") or [])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        prompts = self._prompts(pl_module)
+        if trainer.sanity_checking or not prompts:
+            return
+        model = pl_module.model
+        if isinstance(model, FSDPModule):
+            model = full_copy(model, pl_module.device)
+        if not trainer.is_global_zero:
+            return
+        writers = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
+        tokenizer = trainer.datamodule.tokenizer
+        with eager(model):  # hooks and a new shape: a compiled graph would recompile
+            for i, prompt in enumerate(prompts):
+                figure = prompt_figure(model, tokenizer, tokenizer.encode(prompt), self.max_tokens, repr(prompt))
+                for writer in writers:
+                    writer.add_figure(f"attention/{i}", figure, trainer.global_step, close=False)

@@ -13,6 +13,7 @@ Bad input gives one line `error: ...` on stderr and exit status 2.
     ./infer.py exports/model "The" --beam-width 4 --num-samples 3
     ./infer.py exports/model                        # interactive
     ./infer.py model.onnx "The" --greedy
+    ./infer.py exports/model "The cat sat" --attention maps.png --max-new-tokens 0   # attention maps only
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 50}
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
@@ -66,6 +68,10 @@ def build_parser() -> Parser:
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
                    help="onnx: run an exported ONNX file in onnxruntime, greedy only; auto: onnx for a .onnx path "
                         "(default %(default)s)")
+    p.add_argument("--attention", metavar="IMAGE",
+                   help="also draw the prompt's attention maps, every layer and head (a long prompt: its first "
+                        "tokens, as the title says), to this .png (or .pdf, .svg); with --max-new-tokens 0, only "
+                        "the maps. Needs matplotlib")
     return p
 
 
@@ -200,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
+    maps_only = args.attention is not None and args.max_new_tokens == 0
+    if args.attention is not None:
+        check_attention(args)
+    if args.max_new_tokens < 1 and not maps_only:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    generation_config(args, _NoTokenizer())  # the flags, checked before the (slow) load
+    if not maps_only:
+        generation_config(args, _NoTokenizer())  # the flags, checked before the (slow) load
     onnx = args.backend == "onnx" or (args.backend == "auto" and str(args.checkpoint).endswith(".onnx"))
     respond = onnx_responder(args) if onnx else torch_responder(args)
     if args.prompt is None:
@@ -217,6 +227,10 @@ def _run(args: argparse.Namespace) -> int:
 def torch_responder(args: argparse.Namespace) -> Callable[..., None]:
     """`respond(prompt, echo=False)` writing what the loaded checkpoint generates for the flags."""
     loaded, device = load(args)
+    if args.attention is not None:
+        write_attention(args.attention, loaded, args.prompt)
+        if args.max_new_tokens == 0:
+            return lambda prompt, echo=False: None
     config = generation_config(args, loaded.tokenizer)  # now with the tokenizer's special ids
     import torch
 
@@ -259,6 +273,42 @@ def onnx_responder(args: argparse.Namespace) -> Callable[..., None]:
         print((prompt if echo else "") + tokenizer.decode([t for t in tokens if t != eos_id]), flush=True)
 
     return respond
+
+
+def check_attention(args: argparse.Namespace) -> None:
+    """--attention, checked before the (slow) load: UsageError unless a prompt, the torch backend, matplotlib
+    and an image path in an existing folder are there."""
+    if args.prompt is None:
+        raise UsageError("--attention draws the prompt given on the command line, not interactive prompts")
+    if args.backend == "onnx" or (args.backend == "auto" and str(args.checkpoint).endswith(".onnx")):
+        raise UsageError("--attention needs the torch backend: an ONNX graph does not return attention weights")
+    from xlab.attention import figure_class
+
+    try:
+        formats = figure_class()().canvas.get_supported_filetypes()
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+    path = Path(args.attention)
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise UsageError(f"--attention {path}: name an image file ending in one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--attention {path}: the folder {path.parent} does not exist")
+
+
+def write_attention(path: str, loaded, prompt: str) -> None:
+    """Draw the attention maps of `prompt`, encoded as it is for generation, to the image `path`."""
+    from xlab.attention import prompt_figure
+
+    try:
+        figure = prompt_figure(loaded.model, loaded.tokenizer, loaded.tokenizer.encode_prompt(prompt))
+    except ValueError as err:  # an empty prompt
+        raise UsageError(f"--attention: {err}") from None
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as err:
+        raise UsageError(f"--attention: cannot write {path}: {err.strerror or err}") from None
+    print(f"attention maps: {path} ({figure.get_suptitle()})", file=sys.stderr)
 
 
 class _NoTokenizer:
