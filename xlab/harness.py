@@ -64,13 +64,12 @@ class XLabLM(TemplateLM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise HarnessError(f"batch_size must be a number >= 1, got {batch_size!r} (the xlab model has no 'auto')")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        gpu = torch.device(device)
-        if gpu.type == "cuda" and (gpu.index or 0) >= torch.cuda.device_count():  # lm-eval's CLI default is cuda:0
+        self._device = torch.device(device)
+        if self._device.type == "cuda" and (self._device.index or 0) >= torch.cuda.device_count():  # lm-eval's default
             raise HarnessError(f"device {device} is not available: pass --device cpu")
         loaded = load_checkpoint(checkpoint, device=device, tokenizer=tokenizer,
                                  dtype=DTYPES[dtype] if dtype else None)
         self.model, self.tok = loaded.model, loaded.tokenizer
-        self._device = torch.device(device)
         self.batch_size = int(batch_size)
         context = self.model.config.context
         self.max_length = context if max_length is None else int(max_length)
