@@ -46,7 +46,7 @@ def bare_steps(module: LanguageModel, batches: list, repeats: int) -> list[float
     for i in range(repeats):
         batch = batches[i % len(batches)]
         start = time.perf_counter()
-        loss, _, _ = module.step(batch)
+        loss, _ = module.step(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

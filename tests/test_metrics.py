@@ -1,5 +1,5 @@
 """Training metrics: throughput and MFU over every micro-batch of a logging interval, the peak-FLOPs table,
-the step a non-finite loss is reported at, and DDP evaluation that counts every window once."""
+the step a non-finite loss is reported at, and DDP evaluation (loss and bits per byte) that counts every window once."""
 
 from __future__ import annotations
 
@@ -135,9 +135,9 @@ def test_non_finite_loss_names_its_step_when_only_logging_steps_check(tmp_path, 
         run.fit(module, DataLoader(random_batches(8, 2), batch_size=None))
 
 
-def val_loss(output: str) -> float:
-    """The val/loss row of the table `xlab.py validate` prints."""
-    [row] = [line for line in output.splitlines() if " val/loss " in line]
+def table_value(output: str, metric: str) -> float:
+    """A metric's row (such as val/loss) of the table `xlab.py validate` or `test` prints."""
+    [row] = [line for line in output.splitlines() if f" {metric} " in line]
     return float(row.strip("│┃ ").split()[-1])
 
 
@@ -154,7 +154,8 @@ def test_ddp_validation_counts_each_window_once(tmp_path):
     dm.setup("validate")
     assert len(dm.windows["val"]) % 2 == 1
     ckpt = f"--ckpt_path={tmp_path}/logs/version_0/checkpoints/last.ckpt"
-    one = val_loss(run_script("xlab.py", "validate", *args, ckpt).stdout)
-    two = val_loss(run_script("xlab.py", "validate", *args, ckpt, *(f"--{k}={v}" for k, v in DDP.items()),
-                              "--trainer.devices=2", env={"MASTER_PORT": str(free_port())}).stdout)
-    assert two == pytest.approx(one, rel=1e-6, abs=0)
+    one = run_script("xlab.py", "validate", *args, ckpt).stdout
+    two = run_script("xlab.py", "validate", *args, ckpt, *(f"--{k}={v}" for k, v in DDP.items()),
+                     "--trainer.devices=2", env={"MASTER_PORT": str(free_port())}).stdout
+    for metric in ("val/loss", "val/bpb"):  # sums of nats, targets and bytes over both ranks
+        assert table_value(two, metric) == pytest.approx(table_value(one, metric), rel=1e-6, abs=0)

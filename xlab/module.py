@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass, replace
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torchmetrics import MeanMetric
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from xlab.checkpoint import load_checkpoint
@@ -46,6 +47,13 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def target_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats of each target of logits (B, T, V), flat (B * T,): 0 at IGNORE_INDEX. Evaluation sums
+    them once both per token (the loss) and per byte (bits per byte)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none")
+
+
 class LanguageModel(L.LightningModule):
     """Trains a `Transformer` on (inputs, targets) batches of token ids, each (B, T).
 
@@ -73,16 +81,24 @@ class LanguageModel(L.LightningModule):
                                 _instantiator="lightning.pytorch.cli.instantiate_module")
         self.model = model
         self.loss_fn = next_token_loss
+        self.eval_loss_fn = target_losses
         self.optimizer_factory = optimizer
         self.schedule = schedule
         self.generation = generation
         self.tokens_seen = 0
         self.first_bad: tuple[torch.Tensor, torch.Tensor] | None = None  # see note_non_finite
         vocab = self.model.config.vocab_size
+        # sums over the whole evaluation, synced across ranks by compute(): the loss is nats / targets and bits per
+        # byte nats / ln 2 / bytes, both token-weighted. NaNs are kept (nan_strategy "warn" would drop them, and
+        # checking for them would wait for the device every batch)
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric for stage in ("val", "test") for name, metric in (
-                ("loss", MeanMetric()),
+                ("nats", SumMetric(nan_strategy="disable")), ("targets", SumMetric(nan_strategy="disable")),
+                ("bytes", SumMetric(nan_strategy="disable")),
                 ("acc", MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)))})
+        # UTF-8 bytes of the text each token id stands for (special tokens 0), from the datamodule's tokenizer in
+        # setup(): None without one, and then no bits per byte. Not persistent: checkpoints stay as they were
+        self.register_buffer("token_bytes", None, persistent=False)
         self.train_acc = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
 
     @staticmethod
@@ -102,9 +118,13 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        if tokenizer is not None and tokenizer.vocab_size > self.model.config.vocab_size:
+        vocab = self.model.config.vocab_size
+        if tokenizer is not None and tokenizer.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
-                             f"{self.model.config.vocab_size}: use the tokenizer the model was trained with")
+                             f"{vocab}: use the tokenizer the model was trained with")
+        # ids past the tokenizer's (a vocabulary padded for speed) are never targets: 0 bytes
+        self.token_bytes = None if tokenizer is None else torch.tensor(
+            tokenizer.token_bytes() + [0] * (vocab - tokenizer.vocab_size), device=self.device)
 
     def configure_model(self) -> None:
         # a device mesh comes with ModelParallelStrategy (conf/extra/fsdp.yaml); the hook runs once per stage
@@ -114,19 +134,19 @@ class LanguageModel(L.LightningModule):
             self.model.compile()  # in place: parameter names, and so checkpoints, stay the same
             # compiled, the loss reads the logits once instead of materialising a float32 copy
             self.loss_fn = torch.compile(next_token_loss)
+            self.eval_loss_fn = torch.compile(target_losses)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over non-ignored targets, the logits (B, T, V) and the number of targets."""
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over non-ignored targets and the logits (B, T, V)."""
         x, y = batch
         logits = self.model(x)
-        loss = self.loss_fn(logits, y)
-        return loss, logits, (y != IGNORE_INDEX).sum()
+        return self.loss_fn(logits, y), logits
 
     def training_step(self, batch, batch_idx):
-        loss, logits, count = self.step(batch)
+        loss, logits = self.step(batch)
         logging_step = self.trainer._logger_connector.should_update_logs
         self.note_non_finite(loss)
         # reading the note waits for the device, so on a GPU only at logging steps (and before every checkpoint)
@@ -141,9 +161,15 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def evaluate(self, batch, stage: str) -> None:
-        loss, logits, count = self.step(batch)
-        self.metrics[f"{stage}_loss"].update(loss, weight=count)
-        self.metrics[f"{stage}_acc"].update(logits.argmax(-1), batch[1])
+        """Add a batch to the stage's sums: one cross-entropy pass gives both the loss and bits per byte."""
+        x, y = batch
+        logits = self.model(x)
+        kept = y != IGNORE_INDEX
+        self.metrics[f"{stage}_nats"].update(self.eval_loss_fn(logits, y).sum())  # ignored targets add 0
+        self.metrics[f"{stage}_targets"].update(kept.sum())
+        if self.token_bytes is not None:  # an ignored target's -100 would index the table from its end: masked
+            self.metrics[f"{stage}_bytes"].update((self.token_bytes[y.clamp(min=0)] * kept).sum())
+        self.metrics[f"{stage}_acc"].update(logits.argmax(-1), y)
 
     def validation_step(self, batch, batch_idx):
         self.evaluate(batch, "val")
@@ -151,13 +177,23 @@ class LanguageModel(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self.evaluate(batch, "test")
 
+    def evaluation(self, stage: str) -> dict[str, torch.Tensor]:
+        """The stage's figures over the whole evaluation so far (all ranks): the token-weighted loss (nats per target),
+        its perplexity, accuracy, and, with a tokenizer, bits per byte: every target's loss, end-of-document's
+        included, over the UTF-8 bytes of the text the targets stand for (special tokens 0)."""
+        nats, targets, accuracy = (self.metrics[f"{stage}_{name}"].compute() for name in ("nats", "targets", "acc"))
+        figures = {"loss": nats / targets, "perplexity": (nats / targets).exp(), "accuracy": accuracy}
+        if self.token_bytes is not None:
+            figures["bpb"] = nats / math.log(2) / self.metrics[f"{stage}_bytes"].compute()
+        return figures
+
     def log_evaluation(self, stage: str) -> None:
-        """Token-weighted loss over the whole evaluation (all ranks), its perplexity, and accuracy."""
-        loss = self.metrics[f"{stage}_loss"].compute()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
-        self.log_dict({f"{stage}/perplexity": loss.exp(), f"{stage}/accuracy": self.metrics[f"{stage}_acc"].compute()})
-        self.metrics[f"{stage}_loss"].reset()
-        self.metrics[f"{stage}_acc"].reset()
+        figures = self.evaluation(stage)
+        self.log(f"{stage}/loss", figures.pop("loss"), prog_bar=stage == "val")
+        self.log_dict({f"{stage}/{name}": value for name, value in figures.items()})
+        for name, metric in self.metrics.items():
+            if name.startswith(f"{stage}_"):
+                metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")
