@@ -28,8 +28,6 @@ from xlab.tokenizer import Tokenizer
 from xlab.transformer import Transformer
 from xlab.windows import SplitTokens
 
-SPLITS = ("val", "test")
-
 
 @dataclass
 class Curve:

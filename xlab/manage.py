@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("ckpts", nargs="+", metavar="CKPT", help="training checkpoints (.ckpt) or exported folders")
     sub.add_argument("--split", choices=("val", "test"), default="test", help="the split to measure (default test)")
     sub.add_argument("--factor", type=int, default=4, help="windows of FACTOR x the training context (default 4)")
-    sub.add_argument("--windows", type=int, help="measure this many windows, spread over the split (default: all)")
+    sub.add_argument("--windows", type=int, help="at most this many windows, spread over the split (default: all)")
     sub.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     sub.add_argument("--data", help="the prepared data folder (data_dir/<fingerprint>) to read the split from "
                                     "(default: the one the checkpoint was trained on)")
