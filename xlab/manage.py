@@ -5,6 +5,7 @@
   import-hf          Hugging Face GPT-2 / Llama folder -> XLab exported checkpoint
   export-onnx        XLab checkpoint -> ONNX graph (optionally with a KV cache), run with onnxruntime
   inspect            print what a checkpoint holds
+  extrapolate        loss and bits per byte by position, past the training context
 
 Outputs are written under a temporary name beside the target and renamed when complete: a failed
 or interrupted command leaves nothing behind, and an existing output is kept unless --force.
@@ -161,14 +162,31 @@ def describe(path: str | Path) -> str:
     return "\n".join(lines + _files(files))
 
 
+def cmd_extrapolate(args: argparse.Namespace) -> None:
+    """Loss and bits per byte by position, from 1 to --factor x the training context, on the val or test split of
+    the data each checkpoint was trained on: a table (Markdown), a TensorBoard curve in the run's eval folder, and
+    optionally a plot. Learned positions stop at the context (they cannot extend); sinusoidal, RoPE, ALiBi and no
+    positions run past it. Several checkpoints (models trained alike) share the table and the plot."""
+    from xlab.extrapolation import run
+
+    run(args.ckpts, split=args.split, factor=args.factor, windows=args.windows, batch_size=args.batch_size,
+        data=args.data, plot_path=args.plot, force=args.force, device=args.device)
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Architecture, parameter counts, training step, tokens seen, validation loss, tokenizer, file sizes; for an
     .onnx file its inputs, outputs, opset and KV cache."""
     print(describe(args.ckpt))
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage too; one line is the contract (as infer.py's)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="manage.py", description=__doc__,
+    parser = Parser(prog="manage.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -212,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     output_options(sub, dtype=False)
 
     command("inspect", cmd_inspect)
+
+    sub = command("extrapolate", cmd_extrapolate, ckpt_help=None)
+    sub.add_argument("ckpts", nargs="+", metavar="CKPT", help="training checkpoints (.ckpt) or exported folders")
+    sub.add_argument("--split", choices=("val", "test"), default="test", help="the split to measure (default test)")
+    sub.add_argument("--factor", type=int, default=4, help="windows of FACTOR x the training context (default 4)")
+    sub.add_argument("--windows", type=int, help="at most this many windows, spread over the split (default: all)")
+    sub.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    sub.add_argument("--data", help="the prepared data folder (data_dir/<fingerprint>) to read the split from "
+                                    "(default: the one the checkpoint was trained on)")
+    sub.add_argument("--plot", help="write the curves to this PNG (needs matplotlib)")
+    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="default: cuda when there is one")
+    sub.add_argument("--force", action="store_true", help="replace an existing plot")
     return parser
 
 

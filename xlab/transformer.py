@@ -127,20 +127,20 @@ def alibi_slopes(n_heads: int) -> Tensor:
     return torch.tensor(slopes)
 
 
-def sinusoidal_table(length: int, dim: int) -> Tensor:
-    """(length, dim) sine/cosine position table of 'Attention is all you need'."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
+def sinusoidal_table(length: int, dim: int, start: int = 0) -> Tensor:
+    """(length - start, dim) sine/cosine table of 'Attention is all you need' for positions start..length-1."""
+    position = torch.arange(start, length, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
+    table = torch.zeros(length - start, dim)
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq[: dim // 2])
     return table
 
 
-def rope_tables(length: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin (length, head_dim) for rotate-half RoPE, as in Llama."""
+def rope_tables(length: int, head_dim: int, theta: float, start: int = 0) -> tuple[Tensor, Tensor]:
+    """cos and sin (length - start, head_dim) for rotate-half RoPE, as in Llama, for positions start..length-1."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(start, length, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -455,11 +455,13 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         offset = cache.length if cache is not None else 0
-        limit = cache.max_len if cache is not None else self.config.context
-        if offset + T > limit:
+        learned = self.config.position == "learned"
+        # only learned positions end at the context: the sinusoidal and RoPE tables are extended past it by their
+        # formula (`position_tables`), ALiBi and no positions need none. A cache holds what it was sized for.
+        limit = cache.max_len if cache is not None else self.config.context if learned else None
+        if limit is not None and offset + T > limit:
             what = "context" if cache is None else "cache length"
             raise ValueError(f"sequence of {offset + T} tokens exceeds the {what} of {limit}; truncate the input")
-        # tables (learned, sinusoidal, rope) end at the context; ALiBi and no positions extrapolate freely
         tabled = self.config.position in ("learned", "sinusoidal", "rope")
         if positions is None:
             # the common case: one (T,) row broadcast over the batch, and no device sync for the check
@@ -468,19 +470,20 @@ class Transformer(nn.Module):
         else:
             pos = positions
             last = int(positions.max()) if tabled else 0
-        if tabled and last >= self.config.context:
+        if learned and last >= self.config.context:
             raise ValueError(f"position {last} is beyond the context of {self.config.context} "
                              f"({self.config.position} positions); truncate the input")
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
         elif self.config.position == "sinusoidal":
-            x = x + self.sinusoid[pos].to(x.dtype)
+            [sinusoid] = self.position_tables(last)
+            x = x + sinusoid[pos].to(x.dtype)
         x = self.drop(x)
         rope = None
         if self.config.position == "rope":
             # (T, D) -> (1, T, D) or (B, T, D) -> (B, 1, T, D): broadcast over the batch and heads
-            rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
+            rope = tuple(table[pos].unsqueeze(-3) for table in self.position_tables(last))
         # without per-row positions every row has the same ALiBi bias: build one, broadcast over the batch
         mask = self.attention_mask(pos[None] if positions is None else positions, offset, key_mask, x.dtype)
         for block in self.blocks:
@@ -489,6 +492,26 @@ class Transformer(nn.Module):
             cache.length += T
         logits = self.lm_head(self.norm(x))
         return logits[..., : self.config.vocab_size]
+
+    def position_tables(self, last: int) -> list[Tensor]:
+        """The sinusoid [(P, C)] or RoPE's [cos, sin] (P, D) covering positions 0..last (P > last).
+
+        Within the context: the precomputed buffers. Past it (evaluating longer sequences than training's), the
+        missing rows are computed by the same formula and appended, the buffers' rows kept as they are; nothing
+        is stored, so a long sequence costs no memory after its forward.
+        """
+        if self.config.position == "sinusoidal":
+            tables = [self.sinusoid]
+        else:
+            tables = [self.rope_cos, self.rope_sin]
+        have = tables[0].shape[0]
+        if last < have:
+            return tables
+        if self.config.position == "sinusoidal":
+            more = [sinusoidal_table(last + 1, self.config.d_model, start=have)]
+        else:
+            more = rope_tables(last + 1, self.config.head_dim, self.config.rope_theta, start=have)
+        return [torch.cat([table, rows.to(table)]) for table, rows in zip(tables, more, strict=True)]
 
     def attention_mask(self, positions: Tensor, offset: int, key_mask: Tensor | None, dtype) -> Tensor | None:
         """Float mask (B or 1, H or 1, T, S) added to attention scores, or None when plain causal SDPA will do.
