@@ -69,7 +69,8 @@ def reference_maps(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(T, dtype=torch.float64)[:, None]
     if c.position == "sinusoidal":  # PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(same)
         angle = pos / 10000 ** (torch.arange(0, c.d_model, 2, dtype=torch.float64) / c.d_model)
-        x = x + torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1).float()
+        # scaled to RMS init_std per coordinate, the embeddings' scale
+        x = x + (torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1) * 2 ** 0.5 * c.init_std).float()
     bias = torch.zeros(H, T, T)
     if c.position == "alibi":  # head h (from 1) has slope 2^(-8h/H); the bias is -slope * (query - key)
         slopes = torch.tensor([2 ** (-8 * h / H) for h in range(1, H + 1)])

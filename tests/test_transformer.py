@@ -107,7 +107,7 @@ def reference_forward(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
     if config.position == "learned":
         x = x + model.wpe.weight[:T]
     if config.position == "sinusoidal":
-        x = x + ref_sinusoid(T, C).to(x.dtype)
+        x = x + (ref_sinusoid(T, C) * math.sqrt(2) * config.init_std).to(x.dtype)  # RMS init_std per coordinate
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for block in model.blocks:
         def attention(h, block=block):
@@ -525,3 +525,28 @@ def test_alibi_bias_is_one_for_the_batch_unless_rows_are_padded(monkeypatch):
         incremental = torch.cat([model(idx[:, :10], cache), model(idx[:, 10:11], cache)], dim=1)
         assert shapes == [(1, H, 10, 10)] * 2 + [(1, H, 1, 11)] * 2
         assert (incremental - logits[:, :11]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned"])
+def test_token_identity_survives_the_position_signal(position):
+    """A next-token rule that only needs the current token (a fixed permutation: x[t+1] = perm[x[t]]) is learnt
+    in 30 steps. An unscaled sinusoid (entries of ±1 against embeddings of std 0.02) drowned the tokens: a
+    sinusoidal model stayed near chance here (4.05 nats against ln 64 = 4.16), and at the unigram baseline in
+    the README's position ablation, while the learned table, initialised like the embeddings, reached 0.5."""
+    torch.manual_seed(0)
+    vocab, steps = 64, 30
+    perm = torch.randperm(vocab)
+    model = Transformer(TransformerConfig(vocab_size=vocab, context=32, n_layers=2, n_heads=2, d_model=64,
+                                          position=position))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = [torch.randint(0, vocab, (16,), generator=generator)]
+        for _ in range(32):
+            x.append(perm[x[-1]])
+        x = torch.stack(x, dim=1)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.0, f"{position}: loss {loss.item():.3f} after {steps} steps (chance {math.log(vocab):.2f})"

@@ -423,7 +423,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if config.position == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoidal_table(config.context, config.d_model), persistent=False)
+            self.register_buffer("sinusoid", self.scaled_sinusoid(config.context), persistent=False)
         if config.position == "rope":
             cos, sin = rope_tables(config.context, config.head_dim, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -493,6 +493,13 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         return logits[..., : self.config.vocab_size]
 
+    def scaled_sinusoid(self, length: int, start: int = 0) -> Tensor:
+        """The sinusoid (length - start, C) as added to the token embeddings: scaled so that each coordinate's RMS
+        is `init_std`, the scale of the embeddings (and of a learned table) at initialisation. Unscaled, its
+        entries of ±1 outweigh embeddings of std 0.02 some 35 times, and the model hardly sees which token it
+        reads (tests/test_transformer.py::test_token_identity_survives_the_position_signal)."""
+        return sinusoidal_table(length, self.config.d_model, start) * (math.sqrt(2) * self.config.init_std)
+
     def position_tables(self, last: int) -> list[Tensor]:
         """The sinusoid [(P, C)] or RoPE's [cos, sin] (P, D) covering positions 0..last (P > last).
 
@@ -508,7 +515,7 @@ class Transformer(nn.Module):
         if last < have:
             return tables
         if self.config.position == "sinusoidal":
-            more = [sinusoidal_table(last + 1, self.config.d_model, start=have)]
+            more = [self.scaled_sinusoid(last + 1, start=have)]
         else:
             more = rope_tables(last + 1, self.config.head_dim, self.config.rope_theta, start=have)
         return [torch.cat([table, rows.to(table)]) for table, rows in zip(tables, more, strict=True)]
