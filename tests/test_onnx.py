@@ -122,10 +122,11 @@ def test_every_strategy_in_onnxruntime_gives_pytorchs_tokens(tmp_path, tok, name
     and sampling (top-k, top-p, min-p, repetition penalty, several samples per prompt) give the tokens
     generate() gives on the PyTorch model, for learned positions, RoPE with GQA, ALiBi with post-norm.
 
-    Sampling draws the same numbers from the same seed on both, so the tokens differ only where the
-    ~1e-6 differences between the two logits move a draw or a top-p/min-p threshold across a token's
-    boundary: a chance of ~1e-5 per token, not seen with these fixed seeds (and then a real failure
-    would show as many tokens off, not one)."""
+    Sampling draws the same numbers from the same seed on both, on logits that differ by ~1e-6. Tokens
+    could still differ where two candidates lie closer than that (they swap places among the sorted
+    candidates) and the draw falls on one of them: here the closest adjacent pair of the top 40 in a
+    sequence is typically ~3e-5 apart, and 20 seeds per model gave no difference (measured when written);
+    an untrained model's near-uniform logits do branch now and then (benchmarks/generate.py --onnx)."""
     from xlab.onnx import OnnxModel
 
     preset = "llama" if name == "llama" else "gpt2"
@@ -141,6 +142,9 @@ def test_every_strategy_in_onnxruntime_gives_pytorchs_tokens(tmp_path, tok, name
     # the torch path itself, row by row against full forwards (nothing shared with generate.py)
     assert [c.tokens for [c] in greedy] == [greedy_reference(model, p, 12, 2, keep_eos=False) for p in prompts]
     compare(model, onnx_model, prompts, "beam")
+    if name != "gpt2":  # RoPE and ALiBi slide on past the context (32): the window restarts, padding and all
+        with pytest.warns(UserWarning, match="sliding the window"):
+            compare(model, onnx_model, prompts, "greedy", max_new_tokens=30)
     samples = [compare(model, onnx_model, prompts, "sample", seed) for seed in (0, 1, 2)]
     assert len({str(s) for s in samples}) == 3  # the seeds matter: it really samples
     assert samples[0] == compare(model, onnx_model, prompts, "sample", 0)  # repeatable
