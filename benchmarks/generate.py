@@ -13,11 +13,16 @@ Each case also runs "bare": XLab's model forwards alone on the KV cache (a prefi
 time) with as many rows as the case decodes (batch x beams) and no generation logic: the floor for any
 decoding loop over this model. `*_share_of_bare_forward` is XLab's speed over it (1.0: no overhead).
 
+With --onnx, the XLab model is also exported with a KV cache (`export-onnx --kv-cache`) and each case
+runs on it in onnxruntime under the same `generate` (`xlab.onnx.OnnxModel`, fp32): `*_onnx_over_xlab` is
+its speed over XLab's, `*_onnx_matches_xlab` whether it gave the same tokens (same seed, every case).
+
 XLab and HF runs alternate, in one process, so load from other processes hits both alike; the median
 of --repeats runs is reported. tokens/s = prompts x new tokens / wall time, prefill included.
 
     python benchmarks/generate.py                                   # CPU, fp32, gpt2 and llama
     python benchmarks/generate.py --device cuda --dtype bf16 --compile
+    python benchmarks/generate.py --onnx --presets gpt2 --cases greedy_b1      # onnxruntime beside XLab
 
 Prints a table, then as its last line one JSON object; keys ending in `_ratio` are XLab tokens/s over
 HF tokens/s (higher is better for XLab).
@@ -29,6 +34,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,13 +89,25 @@ def build(preset: str, args: argparse.Namespace):
     return hf, xlab
 
 
+def onnx_model(xlab, path: Path, args: argparse.Namespace):
+    """xlab exported with a KV cache to path and loaded in onnxruntime (an OnnxModel on args.device)."""
+    from xlab.checkpoint import Loaded
+    from xlab.onnx import OnnxModel, export_onnx
+    from xlab.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(iter(["def add(a, b): return a + b"]), 300, show_progress=False)  # metadata only
+    path = export_onnx(Loaded(xlab, tokenizer), path, kv_cache=True)
+    return OnnxModel(path, device=args.device, threads=args.threads or None)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
 
 
-def time_case(hf, xlab, case: str, args: argparse.Namespace) -> dict[str, float]:
-    """Median tokens/s of each implementation over args.repeats alternating runs."""
+def time_case(hf, xlab, case: str, args: argparse.Namespace, onnx=None) -> tuple[dict[str, float], bool | None]:
+    """Median tokens/s of each implementation over args.repeats alternating runs; whether onnx (an OnnxModel,
+    or None) gave XLab's tokens (None without it)."""
     batch, xlab_fields, hf_kwargs = CASES[case]
     prompts = torch.randint(1, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(1))
     config = GenerationConfig(max_new_tokens=args.new_tokens, **xlab_fields)
@@ -114,8 +132,12 @@ def time_case(hf, xlab, case: str, args: argparse.Namespace) -> dict[str, float]
         for _ in range(args.new_tokens - 1):
             xlab(ids[:, -1:], cache)
 
-    runners = [("xlab", run_xlab), ("hf", run_hf), ("bare", run_bare)]
+    def run_onnx():
+        return generate(onnx, prompts.tolist(), config, torch.Generator(args.device).manual_seed(2))
+
+    runners = [("xlab", run_xlab), ("hf", run_hf), ("bare", run_bare)] + ([("onnx", run_onnx)] if onnx else [])
     times: dict[str, list[float]] = {name: [] for name, _ in runners}
+    outputs = {}
     with torch.inference_mode():
         for i in range(args.warmup + args.repeats):
             for name, fn in runners:
@@ -125,11 +147,13 @@ def time_case(hf, xlab, case: str, args: argparse.Namespace) -> dict[str, float]
                 sync(args.device)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
+                outputs[name] = out
                 if name == "xlab":
                     assert all(len(c.tokens) == args.new_tokens for r in out for c in r), "XLab stopped early"
                 elif name == "hf":
                     assert out.shape[1] == args.prompt + args.new_tokens, "HF stopped early"
-    return {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+    speed = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+    return speed, (outputs["onnx"] == outputs["xlab"] if onnx else None)
 
 
 def greedy_match(hf, xlab, args: argparse.Namespace) -> bool:
@@ -161,8 +185,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile XLab's forward (dynamic shapes) and use HF's static-cache compiled path; "
                              "for GPUs: on CPU both run slower than eager")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads, and onnxruntime's with --onnx (0: their defaults)")
+    parser.add_argument("--onnx", action="store_true", help="also time the model exported to onnxruntime (fp32)")
     args = parser.parse_args()
+    if args.onnx and (args.dtype != "fp32" or args.compile):
+        parser.error("--onnx runs the float32 export: drop --dtype and --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -172,11 +200,13 @@ def main() -> None:
           f"(median of {args.repeats}, +{args.warmup} warmup, alternating)")
     print(f"{'preset':<7}{'case':<11}{'XLab tok/s':>12}{'HF tok/s':>12}{'XLab/HF':>9}")
     summary: dict[str, object] = {"device": args.device, "dtype": args.dtype, "compile": args.compile}
+    folder = tempfile.TemporaryDirectory()
     for preset in args.presets:
         hf, xlab = build(preset, args)
         summary[f"{preset}_greedy_matches_hf"] = greedy_match(hf, xlab, args)
+        onnx = onnx_model(xlab, Path(folder.name) / f"{preset}.onnx", args) if args.onnx else None
         for case in args.cases:
-            speed = time_case(hf, xlab, case, args)
+            speed, onnx_matches = time_case(hf, xlab, case, args, onnx)
             ratio = speed["xlab"] / speed["hf"]
             print(f"{preset:<7}{case:<11}{speed['xlab']:>12.1f}{speed['hf']:>12.1f}{ratio:>9.2f}")
             summary |= {f"{preset}_{case}_xlab_tokens_per_s": round(speed["xlab"], 1),
@@ -187,6 +217,13 @@ def main() -> None:
             print(f"{'':<7}{'  bare fwd':<11}{bare:>12.1f}{'':>12}{speed['xlab'] / bare:>9.2f}  (XLab / bare)")
             summary |= {f"{preset}_{case}_bare_forward_tokens_per_s": round(bare, 1),
                         f"{preset}_{case}_share_of_bare_forward": round(speed["xlab"] / bare, 3)}
+            if onnx:
+                ort_speed = speed["onnx"]
+                print(f"{'':<7}{'  onnx':<11}{ort_speed:>12.1f}{'':>12}{ort_speed / speed['xlab']:>9.2f}  "
+                      f"(onnxruntime / XLab, same tokens: {onnx_matches})")
+                summary |= {f"{preset}_{case}_onnx_tokens_per_s": round(ort_speed, 1),
+                            f"{preset}_{case}_onnx_over_xlab": round(ort_speed / speed["xlab"], 3),
+                            f"{preset}_{case}_onnx_matches_xlab": onnx_matches}
     print(json.dumps(summary))
 
 

@@ -14,6 +14,9 @@ prompts in one forward pass per step, reordering the cache rather than recomputi
         print(streamer.push(token), end="", flush=True)
     print(streamer.flush())
 
+The model is a `Transformer` or any `Decodable`: `xlab.onnx.OnnxModel` runs an ONNX export in onnxruntime
+through the same strategies (see `ModelState`); tokens are always chosen here, by torch.
+
 Shapes: B prompts, R rows decoded together (B, or B x beams / samples), K beams, P padded prompt
 length, N new tokens, V vocabulary.
 """
@@ -23,12 +26,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from xlab.transformer import KVCache
+from xlab.transformer import KVCache, TransformerConfig
 
 STRATEGIES = ("greedy", "sample", "beam")
 SLIDING_POSITIONS = ("rope", "alibi", "none")  # relative (or no) positions: a window may start anywhere
@@ -168,6 +171,92 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return (param.dtype, param.device) if param is not None else (torch.float32, torch.device("cpu"))
 
 
+class ModelState(Protocol):
+    """A model and its cache for one batch of R rows: what the decoding drives, so that one implementation of
+    every strategy serves the PyTorch `Transformer` (`_TorchState`) and an ONNX Runtime session
+    (`xlab.onnx.OnnxModel`). Tensors are torch tensors on the model's device.
+    """
+
+    length: int  # positions cached, the same for every row
+    max_len: int  # the most positions the cache holds
+
+    def forward(self, ids: Tensor, positions: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        """Feed ids (R, T) after the cached positions; logits (R, V) at the last of them.
+
+        positions (R, T) and key_mask (R, length + T) bool as `Transformer.forward` takes them (left-padded
+        rows), or both None: positions length .. length + T - 1 in every row, every key real."""
+
+    def restart(self) -> None:
+        """Forget the cached positions (length 0): the next forward starts a new window."""
+
+    def select(self, index: Tensor) -> None:
+        """Row i becomes row index[i] (R',), rows repeated or dropped: R' rows from now on."""
+
+    def reorder(self, index: Tensor, shared: int) -> None:
+        """As select, for beam search: index (R,) maps each row to a row of its own prompt, no row copied
+        from is itself overwritten, and the first `shared` cached positions are equal in all rows of a prompt
+        (what an implementation may leave in place)."""
+
+
+class Decodable(Protocol):
+    """A model `generate` and `stream` accept besides a `Transformer`: e.g. `xlab.onnx.OnnxModel`."""
+
+    config: TransformerConfig  # context, vocab_size and position are read
+    device: torch.device  # where the states' tensors live
+
+    def start(self, batch: int, max_len: int) -> ModelState:
+        """A state for `batch` rows whose cache holds up to max_len positions."""
+
+
+class _TorchState:
+    """`ModelState` of a `Transformer` on a preallocated `KVCache`."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int):
+        dtype, device = _model_dtype_device(model)
+        self.model = model
+        self.cache = KVCache(model.config, batch, max_len, device=device, dtype=dtype)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def forward(self, ids: Tensor, positions: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        if positions is None:  # the model's fast path: no per-row positions, causal SDPA
+            return self.model(ids, self.cache)[:, -1]
+        return self.model(ids, self.cache, positions, key_mask)[:, -1]
+
+    def restart(self) -> None:
+        self.cache.length = 0
+
+    def select(self, index: Tensor) -> None:
+        self.cache.reorder(index)
+
+    def reorder(self, index: Tensor, shared: int) -> None:
+        """In place and only what changes: rows with index[i] == i keep their cache, and the first `shared`
+        positions are not copied either. As no row copied from is overwritten, the copies can run one row at
+        a time, each a single pass over its slice of the cache."""
+        src = index.tolist()
+        rows = [i for i, j in enumerate(src) if i != j]
+        assert not {src[i] for i in rows} & set(rows), "a row copied from is itself overwritten"
+        n = self.cache.length
+        if n > shared:
+            for kv in (self.cache.k, self.cache.v):
+                for i in rows:
+                    kv[:, i, :, shared:n].copy_(kv[:, src[i], :, shared:n])
+
+
+def _start(model: nn.Module | Decodable, batch: int, max_len: int) -> ModelState:
+    return _TorchState(model, batch, max_len) if isinstance(model, nn.Module) else model.start(batch, max_len)
+
+
+def _device(model: nn.Module | Decodable) -> torch.device:
+    return _model_dtype_device(model)[1] if isinstance(model, nn.Module) else model.device
+
+
 def _prepare_prompts(prompts: Sequence[Sequence[int]], config: GenerationConfig, context: int,
                      vocab_size: int) -> list[list[int]]:
     """Empty prompts start from bos_id; prompts longer than the context keep their last `context` tokens."""
@@ -191,17 +280,18 @@ def _prepare_prompts(prompts: Sequence[Sequence[int]], config: GenerationConfig,
 
 
 class _Decoder:
-    """Rows of left-padded token sequences on one KV cache: feeds tokens in, gives next-token logits out.
+    """Rows of left-padded token sequences on one model state (its KV cache): feeds tokens in, gives
+    next-token logits out.
 
     seq (R, P + N): prompts right-aligned at column P, generated tokens after them; `end` columns are
     filled. real (R, P + N) bool marks non-padding (None when no prompt is padded: the model then needs
     neither positions nor a key mask, the fast path).
     """
 
-    def __init__(self, model: nn.Module, prompts: list[list[int]], config: GenerationConfig):
-        self.model, self.slide = model, config.slide
-        arch = model.config
-        dtype, device = _model_dtype_device(model)
+    def __init__(self, model: nn.Module | Decodable, prompts: list[list[int]], config: GenerationConfig):
+        self.arch = arch = model.config
+        self.slide = config.slide
+        device = _device(model)
         lengths = [len(p) for p in prompts]
         self.P, N = max(lengths), config.max_new_tokens
         self.can_slide = arch.position in SLIDING_POSITIONS
@@ -217,15 +307,15 @@ class _Decoder:
             pad = torch.tensor([self.P - n for n in lengths], device=device)
             self.real = torch.arange(self.P + room, device=device)[None, :] >= pad[:, None]
         # every token but the last one generated passes through the cache
-        self.cache = KVCache(arch, len(prompts), min(arch.context, self.P + N - 1), device=device, dtype=dtype)
+        self.state = _start(model, len(prompts), min(arch.context, self.P + N - 1))
         self.warned = False
 
     def at_limit(self) -> bool:
         """True (with a warning) when the cache is full and the positions cannot slide: no token can be fed."""
-        if self.cache.length < self.cache.max_len or self.can_slide:
+        if self.state.length < self.state.max_len or self.can_slide:
             return False
-        warnings.warn(f"stopped at the context of {self.cache.max_len} tokens: "
-                      f"{self.model.config.position} positions cannot slide past it", stacklevel=2)
+        warnings.warn(f"stopped at the context of {self.state.max_len} tokens: "
+                      f"{self.arch.position} positions cannot slide past it", stacklevel=2)
         return True
 
     def prefill(self) -> Tensor:
@@ -234,18 +324,18 @@ class _Decoder:
 
     def _run(self, start: int) -> Tensor:
         """Refill the cache with columns [start, end) of seq; logits (R, V) at the last one."""
-        self.cache.length = 0
+        self.state.restart()
         # positions whose keys/values are the same in all rows of a prompt (see reorder); rows get
         # expanded after the prefill, and a slid window holds each row's own tokens
         self.shared = self.end if start == 0 else 0
         tokens = self.seq[:, start:self.end]
         if self.real is None:
-            return self.model(tokens, self.cache)[:, -1]
+            return self.state.forward(tokens, None, None)
         real = self.real[:, start:self.end]
         positions = (real.cumsum(1) - 1).clamp(min=0)  # real tokens count from 0; padding reuses 0
         self.key_mask = self.real[:, start:]  # cache slot i holds column start + i; later slots are all real
         self.next_pos = positions[:, -1:] + 1
-        return self.model(tokens, self.cache, positions, self.key_mask)[:, -1]
+        return self.state.forward(tokens, positions, self.key_mask[:, :self.end - start])
 
     def append(self, tokens: Tensor) -> None:
         """Record the tokens (R,) chosen for the next column."""
@@ -259,41 +349,32 @@ class _Decoder:
 
     def advance(self) -> Tensor:
         """Feed the last appended column; logits (R, V) for the next one. Call only when not at_limit."""
-        if self.cache.length == self.cache.max_len:  # sliding positions: drop the oldest, re-prefill the rest
+        if self.state.length == self.state.max_len:  # sliding positions: drop the oldest, re-prefill the rest
             if not self.warned:
-                warnings.warn(f"generation passed the context of {self.cache.max_len} tokens: sliding the window "
+                warnings.warn(f"generation passed the context of {self.state.max_len} tokens: sliding the window "
                               f"(a re-prefill every {self.slide} token(s))", stacklevel=2)
                 self.warned = True
-            return self._run(self.end - max(1, self.cache.max_len + 1 - self.slide))
+            return self._run(self.end - max(1, self.state.max_len + 1 - self.slide))
         tokens = self.seq[:, self.end - 1:self.end]
         if self.real is None:
-            return self.model(tokens, self.cache)[:, -1]
-        logits = self.model(tokens, self.cache, self.next_pos, self.key_mask)[:, -1]
+            return self.state.forward(tokens, None, None)
+        logits = self.state.forward(tokens, self.next_pos, self.key_mask[:, :self.state.length + 1])
         self.next_pos += 1
         return logits
 
     def expand(self, n: int) -> None:
         """Repeat each row n times (rows b*n + j): samples or beams of one prompt share its prefill."""
         index = torch.arange(self.seq.shape[0], device=self.seq.device).repeat_interleave(n)
-        self.cache.reorder(index)
+        self.state.select(index)
         self._select_rows(index)
 
     def reorder(self, index: Tensor) -> None:
         """Beam selection: row i continues row index[i] (R,), a row of the same prompt.
 
-        In place and only what changes: rows with index[i] == i keep their cache, and the positions
-        all rows of a prompt share (its prompt, unless the window slid) are not copied either. A row
-        that is copied from must keep its own cache (as `_beam_slots` assigns them), so the copies
-        can run one row at a time, each a single pass over its slice of the cache.
+        A row that is copied from keeps its own cache (as `_beam_slots` assigns them), and the positions all
+        rows of a prompt share (its prompt, unless the window slid) need no copy: see `ModelState.reorder`.
         """
-        src = index.tolist()
-        rows = [i for i, j in enumerate(src) if i != j]
-        assert not {src[i] for i in rows} & set(rows), "a row copied from is itself overwritten"
-        n, s = self.cache.length, self.shared
-        if n > s:
-            for kv in (self.cache.k, self.cache.v):
-                for i in rows:
-                    kv[:, i, :, s:n].copy_(kv[:, src[i], :, s:n])
+        self.state.reorder(index, self.shared)
         self._select_rows(index)
 
     def _select_rows(self, index: Tensor) -> None:
@@ -328,23 +409,28 @@ def _to_completions(tokens: list[int], eos_id: int | None) -> Completion:
     return Completion(tokens, False)
 
 
-def _check_model(model: nn.Module) -> None:
+def _check_model(model: nn.Module | Decodable) -> None:
     if not hasattr(model, "config") or not hasattr(model.config, "context"):
-        raise TypeError("model must be an xlab Transformer (or have its forward/cache interface and a .config)")
+        raise TypeError("model must be an xlab Transformer (or have its forward/cache interface and a .config), "
+                        "or a Decodable such as xlab.onnx.OnnxModel")
+    if not isinstance(model, nn.Module) and not hasattr(model, "start"):
+        raise TypeError(f"{type(model).__name__} is neither an nn.Module nor a Decodable (no start method)")
 
 
 class _EvalMode:
-    """Run with the model in eval mode (no dropout), then restore its mode."""
+    """Run with the model in eval mode (no dropout), then restore its mode; nothing to do for a `Decodable`."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module | Decodable):
+        self.model = model if isinstance(model, nn.Module) else None
 
     def __enter__(self):
-        self.training = self.model.training
-        self.model.eval()
+        if self.model is not None:
+            self.training = self.model.training
+            self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.training)
+        if self.model is not None:
+            self.model.train(self.training)
 
 
 # --------------------------------------------------------------------------- greedy and sampling
@@ -497,7 +583,7 @@ def _beam_search(dec: _Decoder, config: GenerationConfig) -> list[list[Completio
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+def generate(model: nn.Module | Decodable, prompts: Sequence[Sequence[int]], config: GenerationConfig,
              generator: torch.Generator | None = None) -> list[list[Completion]]:
     """Continue each prompt (a list of token ids; may be empty) with `config`'s strategy.
 
@@ -518,7 +604,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
     return [rows[i:i + n] for i in range(0, len(rows), n)]
 
 
-def stream(model: nn.Module, prompt: Sequence[int], config: GenerationConfig,
+def stream(model: nn.Module | Decodable, prompt: Sequence[int], config: GenerationConfig,
            generator: torch.Generator | None = None) -> Iterator[int]:
     """Yield the token ids continuing one prompt as they are decoded (greedy or sampling), eos excluded."""
     _check_model(model)

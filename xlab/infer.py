@@ -5,14 +5,15 @@ top-k 50); --greedy (or --beam-width 1) and --beam-width N > 1 pick the other st
 that do not apply to the chosen strategy are an error. Without a prompt it reads prompts from stdin,
 one per line, and streams a reply to each until end of input (Ctrl-D); when stdin is piped rather
 than a terminal, each reply is followed by the line --- end of reply ---. A file from
-`manage.py export-onnx` runs greedily in onnxruntime (`--backend onnx`, the default for a .onnx path).
+`manage.py export-onnx` runs in onnxruntime (`--backend onnx`, the default for a .onnx path) with the
+same strategies and options, --device cuda taking onnxruntime's CUDA provider (onnxruntime-gpu).
 Bad input gives one line `error: ...` on stderr and exit status 2.
 
     ./infer.py exports/model "Once upon a time" --max-new-tokens 100
     ./infer.py runs/last.ckpt "The" --greedy
     ./infer.py exports/model "The" --beam-width 4 --num-samples 3
     ./infer.py exports/model                        # interactive
-    ./infer.py model.onnx "The" --greedy
+    ./infer.py model.onnx "The" --top-p 0.9 --seed 1
     ./infer.py exports/model "The cat sat" --attention maps.png --max-new-tokens 0   # attention maps only
 """
 
@@ -66,7 +67,7 @@ def build_parser() -> Parser:
                    help="auto: bf16 on CUDA, fp32 on CPU (default %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) replacing the checkpoint's own")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="onnx: run an exported ONNX file in onnxruntime, greedy only; auto: onnx for a .onnx path "
+                   help="onnx: run an exported ONNX file in onnxruntime, float32; auto: onnx for a .onnx path "
                         "(default %(default)s)")
     p.add_argument("--attention", metavar="IMAGE",
                    help="also draw the prompt's attention maps, every layer and head (a long prompt: its first "
@@ -231,48 +232,40 @@ def torch_responder(args: argparse.Namespace) -> Callable[..., None]:
         write_attention(args.attention, loaded, args.prompt)
         if args.max_new_tokens == 0:
             return lambda prompt, echo=False: None
-    config = generation_config(args, loaded.tokenizer)  # now with the tokenizer's special ids
+    return responder(args, loaded.model, loaded.tokenizer, device)
+
+
+def onnx_responder(args: argparse.Namespace) -> Callable[..., None]:
+    """`respond(prompt, echo=False)` writing what an `export-onnx` file, run by onnxruntime, generates for the
+    flags: the torch backend's decoding (`xlab.generate`) on the graph's logits."""
+    if args.dtype not in ("auto", "fp32"):
+        raise UsageError("--backend onnx runs the exported float32 graph as it is: drop --dtype")
+    from xlab.checkpoint import CheckpointError
+    from xlab.onnx import OnnxModel, cuda_available
+    from xlab.tokenizer import Tokenizer
+
+    device = args.device if args.device != "auto" else "cuda" if cuda_available() else "cpu"
+    try:
+        model = OnnxModel(args.checkpoint, device=device)
+        tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else model.tokenizer
+    except (CheckpointError, OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if tokenizer is None:
+        raise UsageError(f"{args.checkpoint} carries no tokenizer: pass one with --tokenizer")
+    return responder(args, model, tokenizer, device)
+
+
+def responder(args: argparse.Namespace, model, tokenizer, device: str) -> Callable[..., None]:
+    """`respond(prompt, echo=False)` generating with model (a Transformer or an OnnxModel) for the flags."""
     import torch
 
+    config = generation_config(args, tokenizer)  # now with the tokenizer's special ids
     generator = torch.Generator(device)
     if args.seed is not None:
         generator.manual_seed(args.seed)
     else:
         generator.seed()
-    return lambda prompt, echo=False: reply(loaded.model, loaded.tokenizer, prompt, config, generator, sys.stdout,
-                                            echo)
-
-
-def onnx_responder(args: argparse.Namespace) -> Callable[..., None]:
-    """`respond(prompt, echo=False)` decoding an `export-onnx` file greedily in onnxruntime, written as the
-    torch backend writes it."""
-    if not args.greedy:
-        raise UsageError("--backend onnx decodes greedily only: add --greedy")
-    if args.dtype not in ("auto", "fp32") or args.repetition_penalty != 1.0:
-        raise UsageError("--backend onnx runs the exported float32 graph as it is: "
-                         "drop --dtype and --repetition-penalty")
-    from xlab.checkpoint import CheckpointError
-    from xlab.onnx import OnnxGreedy
-    from xlab.tokenizer import Tokenizer
-
-    providers = ["CUDAExecutionProvider"] if args.device == "cuda" else None
-    try:
-        runner = OnnxGreedy(args.checkpoint, providers=providers)
-        tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else runner.tokenizer
-    except (CheckpointError, OSError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    if tokenizer is None:
-        raise UsageError(f"{args.checkpoint} carries no tokenizer: pass one with --tokenizer")
-    eos_id = runner.eos_id if runner.eos_id is not None else tokenizer.eos_id
-
-    def respond(prompt: str, echo: bool = False) -> None:
-        try:
-            tokens = runner.generate(tokenizer.encode_prompt(prompt), args.max_new_tokens, eos_id)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        print((prompt if echo else "") + tokenizer.decode([t for t in tokens if t != eos_id]), flush=True)
-
-    return respond
+    return lambda prompt, echo=False: reply(model, tokenizer, prompt, config, generator, sys.stdout, echo)
 
 
 def check_attention(args: argparse.Namespace) -> None:

@@ -1,21 +1,25 @@
-"""ONNX export of an XLab model, and greedy decoding with onnxruntime.
+"""ONNX export of an XLab model, and `OnnxModel`: an exported file decoded by `xlab.generate` in onnxruntime.
 
 Two graphs (shapes: B batch, T new tokens, P cached positions, L layers, G key/value heads,
 D head dimension, V vocabulary):
 
 - without cache: input_ids (B, T) int64 -> logits (B, T, V);
-- with cache (`kv_cache=True`): input_ids (B, T), past_k and past_v (L, B, G, P, D) -> logits (B, T, V),
-  present_k and present_v (L, B, G, P + T, D). The first call passes P = 0 (empty past tensors);
-  each next call passes the presents of the previous one.
+- with cache (`kv_cache=True`): input_ids (B, T), positions (B, T) int64, key_mask (B, P + T) bool,
+  past_k and past_v (L, B, G, P, D) -> logits (B, T, V), present_k and present_v (L, B, G, P + T, D).
+  The first call passes P = 0 (empty past tensors); each next call passes the presents of the
+  previous one. positions and key_mask are `Transformer.forward`'s: a row's position per token, and
+  False for the keys of left padding, so prompts of different lengths decode in one batch
+  (without padding: positions P .. P + T - 1 in every row, key_mask all True).
 
 B, T and P are dynamic axes. The file's metadata carries the architecture (`xlab.arch`), the
-tokenizer (`xlab.tokenizer`) and its end-of-document id, so `OnnxGreedy` needs nothing else.
+tokenizer (`xlab.tokenizer`) and its end-of-document id, so `OnnxModel` needs nothing else.
 
 `OnnxDecoder` re-states the model's forward for export: `Attention.forward` decides
 `is_causal` from the sequence length, which tracing turns into a tensor and `torch.export` into a
 symbolic bool, and neither can be passed to SDPA. Here the graph without cache uses SDPA's
 `is_causal=True` (correct for any T, as queries and keys then start together), the graph with
-cache an explicit mask offset by P. The tests hold both to the PyTorch model's logits.
+cache the model's own explicit mask (`Transformer.attention_mask`), offset by P. The tests hold
+both to the PyTorch model's logits.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,28 +78,25 @@ class OnnxDecoder(nn.Module):
         super().__init__()
         self.model, self.kv_cache = model, kv_cache
 
-    def forward(self, idx: Tensor, past_k: Tensor | None = None, past_v: Tensor | None = None):
+    def forward(self, idx: Tensor, positions: Tensor | None = None, key_mask: Tensor | None = None,
+                past_k: Tensor | None = None, past_v: Tensor | None = None):
+        """Without cache: idx (B, T) only. With: positions (B, T), key_mask (B, P + T), past (L, B, G, P, D),
+        as `Transformer.forward(idx, cache, positions, key_mask)` takes them for left-padded rows."""
         m, c = self.model, self.model.config
         T = idx.shape[1]
         past = past_k.shape[3] if self.kv_cache else 0
-        positions = torch.arange(T, device=idx.device) + past  # (T,): the same for every row
+        if positions is None:  # the graph without cache: one (1, T) row shared by the batch
+            positions = torch.arange(T, device=idx.device)[None]
         x = m.wte(idx)
         if m.wpe is not None:
             x = x + m.wpe(positions)
         elif c.position == "sinusoidal":
             x = x + m.sinusoid[positions].to(x.dtype)
         rope = None
-        if c.position == "rope":
-            rope = (m.rope_cos[positions][None, None].to(x.dtype), m.rope_sin[positions][None, None].to(x.dtype))
-        mask = None  # SDPA's is_causal: right when there is no past
-        if self.kv_cache or c.position == "alibi":
-            key_pos = torch.arange(past + T, device=idx.device)
-            allowed = key_pos[None, :] <= positions[:, None]  # (T, S): causal, offset by the past
-            mask = allowed[None, None]
-            if c.position == "alibi":
-                distance = (positions[:, None] - key_pos[None, :]).to(x.dtype)
-                bias = torch.zeros_like(distance).masked_fill(~allowed, float("-inf"))
-                mask = bias[None, None] - m.alibi.to(x.dtype)[None, :, None, None] * distance[None, None]
+        if c.position == "rope":  # (B, 1, T, D): broadcast over the heads
+            rope = (m.rope_cos[positions][:, None].to(x.dtype), m.rope_sin[positions][:, None].to(x.dtype))
+        # the model's own mask (None without cache: SDPA's is_causal, right when there is no past)
+        mask = m.attention_mask(positions, past, key_mask, x.dtype)
         keys, values = [], []
         for i, block in enumerate(m.blocks):
             pk, pv = (past_k[i], past_v[i]) if self.kv_cache else (None, None)
@@ -120,9 +120,10 @@ def _io(config: TransformerConfig, kv_cache: bool) -> tuple[list[str], list[str]
     inputs, outputs = ["input_ids"], ["logits"]
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     if kv_cache:
-        inputs += ["past_k", "past_v"]
+        inputs += ["positions", "key_mask", "past_k", "past_v"]
         outputs += ["present_k", "present_v"]
-        axes |= {"past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"},
+        axes |= {"positions": {0: "batch", 1: "sequence"}, "key_mask": {0: "batch", 1: "total"},
+                 "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"},
                  "present_k": {1: "batch", 3: "total"}, "present_v": {1: "batch", 3: "total"}}
     return inputs, outputs, axes
 
@@ -148,9 +149,11 @@ def export_onnx(loaded: Loaded, output: str | Path, kv_cache: bool = False, opse
     inputs, outputs, axes = _io(config, kv_cache)
     # example: batch 2, 3 new tokens after 2 cached positions (sizes > 1, so no axis is fixed at 1)
     example: tuple[Tensor, ...] = (torch.zeros(2, 3, dtype=torch.long),)
-    if kv_cache:
+    if kv_cache:  # row 1 left-padded by one, so the mask's padding path is traced
+        positions = torch.tensor([[2, 3, 4], [1, 2, 3]])
+        key_mask = torch.tensor([[True] * 5, [False] + [True] * 4])
         past = torch.zeros(config.n_layers, 2, config.kv_heads, 2, config.head_dim)
-        example += (past, past.clone())
+        example += (positions, key_mask, past, past.clone())
     with atomic_output(output, force, is_dir=False) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings and the TorchScript exporter's deprecation notice
         raw = tmp / "raw" / output.name
@@ -172,94 +175,150 @@ def export_onnx(loaded: Loaded, output: str | Path, kv_cache: bool = False, opse
     return output
 
 
-class OnnxGreedy:
-    """Greedy decoding of an exported ONNX file with onnxruntime.
+# torch dtypes of the graphs' inputs and outputs, as onnxruntime's IO binding names them
+_NUMPY_TYPES = {torch.int64: np.int64, torch.bool: np.bool_, torch.float32: np.float32}
 
-    `OnnxGreedy(path).generate(ids, max_new_tokens, eos_id)`; `.tokenizer` is the one stored in the
-    file, `.config` its architecture. Graphs with a KV cache decode incrementally (one token per
-    step after the prompt); graphs without rerun the whole sequence each step.
-    providers: onnxruntime execution providers (default CPU); threads: intra-op threads (default: one per core).
+
+def cuda_available() -> bool:
+    """Whether `OnnxModel(device="cuda")` can run: onnxruntime's CUDA provider, and CUDA in PyTorch."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+class OnnxModel:
+    """An `export-onnx` file run by onnxruntime under `xlab.generate`'s decoding: a `Decodable`, so every
+    strategy (greedy, sampling, beam search) runs on it as on the PyTorch model, with the same code.
+
+        model = OnnxModel("model.onnx")          # device="cuda": onnxruntime's CUDA provider
+        completions = generate(model, [model.tokenizer.encode_prompt("def ")], config, generator)
+
+    `.tokenizer` is the one stored in the file (None if it has none), `.config` its architecture. Inputs
+    and outputs stay torch tensors on `device`, bound to the session by their memory (IO binding): logits
+    are filtered and sampled by torch, and on CUDA the cache never leaves the GPU. Graphs with a KV cache
+    decode incrementally; graphs without rerun the whole sequence each step and, as they take no positions
+    or key mask, cannot decode a batch of prompts of different lengths (nor can cache graphs exported
+    before those inputs existed): that is a ValueError saying to re-export.
+    threads: intra-op threads (default: one per core).
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", threads: int | None = None):
         import onnxruntime as ort
 
         path = Path(path)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise CheckpointError(f"the installed onnxruntime {ort.__version__} has no CUDA provider "
+                                      "(install onnxruntime-gpu, or run on the CPU)")
+            if not torch.cuda.is_available():  # the inputs and outputs are torch tensors on the GPU
+                raise CheckpointError("onnxruntime has a CUDA provider, but PyTorch has no CUDA here "
+                                      "(install a CUDA build of PyTorch, or run on the CPU)")
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            # CPU second: onnxruntime places the few ops CUDA lacks (shape arithmetic) there
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        elif self.device.type == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise CheckpointError(f"onnxruntime runs on cpu or cuda here, not {self.device.type}")
         if not path.is_file():
             raise CheckpointError(f"ONNX file not found: {path}")
         options = ort.SessionOptions()
         if threads:  # onnxruntime's default: one per core
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options,
-                                                providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime's own exception types: a truncated or foreign file
             raise CheckpointError(f"cannot load ONNX file {path}: {str(err).strip().splitlines()[0]}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if "xlab.arch" not in meta:
             raise CheckpointError(f"{path} was not exported by XLab (no xlab.arch metadata)")
+        self.path = path
         self.config = TransformerConfig(**json.loads(meta["xlab.arch"]))
-        self.kv_cache = {i.name for i in self.session.get_inputs()} >= {"past_k", "past_v"}
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.kv_cache = inputs >= {"past_k", "past_v"}
+        self.masked = inputs >= {"positions", "key_mask"}  # only cache graphs of this version have them
         self.tokenizer = None
         if meta.get("xlab.tokenizer"):
             from xlab.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.from_str(meta["xlab.tokenizer"])
-        self.eos_id = int(meta["xlab.eos_id"]) if "xlab.eos_id" in meta else None
 
-    def empty_past(self, batch: int) -> np.ndarray:
-        """(L, B, G, 0, D) float32: the past of the first call."""
-        c = self.config
-        return np.zeros((c.n_layers, batch, c.kv_heads, 0, c.head_dim), dtype=np.float32)
+    def start(self, batch: int, max_len: int) -> _OrtState:
+        """A `ModelState` for `batch` rows of up to max_len positions."""
+        return _OrtState(self, batch, max_len)
 
-    def forward(self, ids: np.ndarray, past: tuple[np.ndarray, np.ndarray] | None = None):
-        """logits (B, T, V) for ids (B, T); with a cache graph also (present_k, present_v)."""
-        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
-        if self.kv_cache:
-            past_k, past_v = past if past is not None else (self.empty_past(len(ids)),) * 2
-            feed |= {"past_k": past_k, "past_v": past_v}
-            logits, present_k, present_v = self.session.run(None, feed)
-            return logits, (present_k, present_v)
-        return self.session.run(None, feed)[0]
+    def run(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+        """Run the session on torch tensors on `device`, writing its outputs into `outputs` (preallocated)."""
+        binding = self.session.io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
+            for name, t in tensors.items():
+                assert t.is_contiguous() and t.device == self.device, name
+                bind(name, kind, index, _NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        if kind == "cuda":
+            torch.cuda.synchronize(self.device)  # torch's stream wrote the inputs, onnxruntime's reads them
+        self.session.run_with_iobinding(binding)
+        if kind == "cuda":
+            binding.synchronize_outputs()  # done before torch reads them
 
-    def generate(self, ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int,
-                 eos_id: int | None = None) -> list[int] | list[list[int]]:
-        """Greedy continuation of ids: one prompt (a list of ints) gives a list of new token ids; a batch
-        (B, T) of equal-length prompts gives one list per row.
 
-        A row stops after it produces eos_id (which is included); every row stops at max_new_tokens or
-        at the context: the last token is predicted at position context - 1 (as generate.py's greedy search).
-        Raises ValueError for a prompt longer than the context.
-        """
-        prompts = np.asarray(ids, dtype=np.int64)
-        single = prompts.ndim == 1
-        prompts = prompts[None] if single else prompts
-        if prompts.ndim != 2 or prompts.shape[1] == 0:
-            raise ValueError(f"expected a non-empty prompt of token ids or a (batch, length) array: {prompts.shape}")
-        B, T = prompts.shape
-        context = self.config.context
-        if T > context:
-            raise ValueError(f"prompt of {T} tokens exceeds the model's context of {context}")
-        steps = min(max_new_tokens, context - T + 1)  # step i feeds T + i - 1 <= context tokens
-        new = np.zeros((B, 0), dtype=np.int64)
-        done = np.zeros(B, dtype=bool)
-        past = None
-        for _ in range(steps):
-            if self.kv_cache:
-                step_input = prompts if past is None else new[:, -1:]
-                logits, past = self.forward(step_input, past)
-            else:
-                logits = self.forward(np.concatenate([prompts, new], axis=1))
-            token = logits[:, -1].argmax(-1).astype(np.int64)
-            token = np.where(done, eos_id if eos_id is not None else 0, token)  # finished rows: filler
-            new = np.concatenate([new, token[:, None]], axis=1)
-            if eos_id is not None:
-                done |= token == eos_id
-                if done.all():
-                    break
-        rows = []
-        for row in new.tolist():
-            if eos_id is not None and eos_id in row:
-                row = row[: row.index(eos_id) + 1]
-            rows.append(row)
-        return rows[0] if single else rows
+class _OrtState:
+    """`ModelState` of an `OnnxModel`: the cache is the graph's present_k/present_v (L, R, G, length, D),
+    fed back as the next past; a graph without cache keeps the token ids (R, length) and reruns them."""
+
+    def __init__(self, model: OnnxModel, batch: int, max_len: int):
+        self.model, self.max_len = model, max_len
+        c, device = model.config, model.device
+        if model.kv_cache:
+            self.k = self.v = torch.zeros(c.n_layers, batch, c.kv_heads, 0, c.head_dim, device=device)
+        else:
+            self.ids = torch.zeros(batch, 0, dtype=torch.long, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3] if self.model.kv_cache else self.ids.shape[1]
+
+    def forward(self, ids: Tensor, positions: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        m, c = self.model, self.model.config
+        R, T = ids.shape
+        S = self.length + T
+        if S > self.max_len:  # as KVCache's check in Transformer.forward
+            raise ValueError(f"sequence of {S} tokens exceeds the cache length of {self.max_len}")
+        if positions is not None and not m.masked:
+            raise ValueError(f"{m.path} takes no positions or key mask, which prompts of different lengths need: "
+                             "export it again with `manage.py export-onnx --kv-cache`")
+        if not m.kv_cache:
+            self.ids = torch.cat([self.ids, ids], dim=1)
+            logits = torch.empty(R, S, c.vocab_size, device=m.device)
+            m.run({"input_ids": self.ids}, {"logits": logits})
+            return logits[:, -1]
+        logits = torch.empty(R, T, c.vocab_size, device=m.device)
+        inputs = {"input_ids": ids.contiguous()}
+        if m.masked:
+            if positions is None:  # every row at the same positions, every key real: what the graph needs spelled out
+                positions = torch.arange(self.length, S, device=m.device).expand(R, T)
+                key_mask = torch.ones(R, S, dtype=torch.bool, device=m.device)
+            inputs |= {"positions": positions.contiguous(), "key_mask": key_mask.contiguous()}
+        shape = (c.n_layers, R, c.kv_heads, S, c.head_dim)
+        present_k, present_v = torch.empty(shape, device=m.device), torch.empty(shape, device=m.device)
+        m.run(inputs | {"past_k": self.k, "past_v": self.v},
+              {"logits": logits, "present_k": present_k, "present_v": present_v})
+        self.k, self.v = present_k, present_v
+        return logits[:, -1]
+
+    def restart(self) -> None:
+        if self.model.kv_cache:
+            self.k, self.v = self.k[:, :, :, :0], self.v[:, :, :, :0]
+        else:
+            self.ids = self.ids[:, :0]
+
+    def select(self, index: Tensor) -> None:
+        if self.model.kv_cache:
+            self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        else:
+            self.ids = self.ids.index_select(0, index)
+
+    def reorder(self, index: Tensor, shared: int) -> None:
+        self.select(index)  # the graph returns new tensors each step: there is no copy to save
