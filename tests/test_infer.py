@@ -59,18 +59,25 @@ def test_interactive_mode_replies_to_each_line_until_eof(export):
     assert result.stdout == expected
 
 
-def test_sampling_defaults_and_seed_and_beams_give_n_best(export):
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    """infer.py's `main` called here: its exit status, stdout and stderr."""
+    status = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_sampling_defaults_and_seed_and_beams_give_n_best(export, capsys):
     path, model, tokenizer = export
-    result = infer(path, "the", "--seed", 3, "--max-new-tokens", 15, "--top-p", 0.9)
-    assert result.returncode == 0, result.stderr
+    status, out, err = in_process(capsys, path, "the", "--seed", 3, "--max-new-tokens", 15, "--top-p", 0.9)
+    assert status == 0, err
     # the documented defaults (temperature 0.8, top-k 50) and the seed, as the library applies them
     config = GenerationConfig(strategy="sample", max_new_tokens=15, temperature=0.8, top_k=50, top_p=0.9,
                               eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
     [[sampled]] = generate(model, [tokenizer.encode("the")], config, torch.Generator().manual_seed(3))
-    assert result.stdout == "the" + tokenizer.decode(sampled.tokens) + "\n"
-    beams = infer(path, "the", "--beam-width", 3, "--num-samples", 2, "--max-new-tokens", 8)
-    assert beams.returncode == 0, beams.stderr
-    assert [line.split(" (")[0] for line in beams.stdout.splitlines() if line.startswith("---")] == \
+    assert out == "the" + tokenizer.decode(sampled.tokens) + "\n"
+    status, out, err = in_process(capsys, path, "the", "--beam-width", 3, "--num-samples", 2, "--max-new-tokens", 8)
+    assert status == 0, err
+    assert [line.split(" (")[0] for line in out.splitlines() if line.startswith("---")] == \
         ["--- beam 1", "--- beam 2"]
 
 
@@ -78,15 +85,6 @@ def test_sampling_defaults_and_seed_and_beams_give_n_best(export):
     (["--greedy", "--top-k", "5"], "error: --top-k only applies to sampling, not with --greedy"),
     (["--top-p", "1.5"], "error: --top-p must be in (0, 1], got 1.5"),
     (["--temperature", "0"], "error: --temperature must be > 0 for sampling, got 0.0"),
-])
-def test_bad_options_are_one_line_errors(export, args, message):
-    result = infer(export[0], "hello", *args)
-    assert result.returncode == 2
-    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
-    assert result.stdout == ""
-
-
-@pytest.mark.parametrize("args, message", [
     (["--beam-width", "3", "--temperature", "0.7"], "error: --temperature only applies to sampling"),
     (["--beam-width", "3", "--top-k", "5", "--seed", "1"], "error: --top-k, --seed only apply to sampling"),
     (["--greedy", "--length-penalty", "2"], "error: --length-penalty only applies to beam search"),
@@ -97,25 +95,25 @@ def test_bad_options_are_one_line_errors(export, args, message):
     (["--repetition-penalty", "0"], "error: --repetition-penalty must be > 0"),
     (["--top-k", "many"], "error: argument --top-k: invalid int value: 'many'"),
 ])
-def test_more_bad_options_in_process(export, capsys, args, message):
-    """The same entry point as infer.py, called in-process: these fail before loading anything."""
+def test_bad_options_are_one_line_errors(export, capsys, args, message):
+    """The entry point of infer.py, called in-process (test_greedy_output runs the script itself)."""
     assert main([str(export[0]), "hello", *args]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
     assert captured.out == ""
 
 
-def test_missing_checkpoint_and_mismatched_tokenizer(export, tmp_path):
-    result = infer(tmp_path / "nowhere", "hello")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: checkpoint not found") and result.stderr.count("\n") == 1
+def test_missing_checkpoint_and_mismatched_tokenizer(export, tmp_path, capsys):
+    status, _, err = in_process(capsys, tmp_path / "nowhere", "hello")
+    assert status == 2
+    assert err.startswith("error: checkpoint not found") and err.count("\n") == 1
     big = Tokenizer.train(iter(TEXTS * 20 + [" ".join(map(str, range(2000)))]), vocab_size=600, show_progress=False)
     assert big.vocab_size > export[2].vocab_size
     big.save(tmp_path / "big.json")
-    result = infer(export[0], "hello", "--tokenizer", tmp_path / "big.json")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "does not belong" in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    status, _, err = in_process(capsys, export[0], "hello", "--tokenizer", tmp_path / "big.json")
+    assert status == 2
+    assert err.startswith("error: ") and "does not belong" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def run_main(capsys, *argv) -> tuple[int, str, str]:
