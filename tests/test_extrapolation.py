@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_export import TEXTS, make_training_checkpoint, one_thread, tiny_config, tiny_tokenizer
+from test_manage import run
 from test_transformer import POSITIONS, model_of, reference_forward
 from test_transformer import tiny as tiny_arch
 
-from xlab import manage
 from xlab.data import encode_split
 from xlab.extrapolation import Curve, buckets, measure, plot_bins, window_starts
 from xlab.transformer import KVCache, Transformer
@@ -113,16 +113,6 @@ def runs(tmp_path_factory):
             torch.save(ckpt, path)
         ckpts[position] = path
     return {"root": root, "data": data, "tok": tok, "ckpts": ckpts, "models": models}
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        manage.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_command_table_plot_and_tensorboard_match_a_direct_forward(runs, tmp_path, capsys):
