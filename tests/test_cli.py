@@ -6,6 +6,7 @@ import inspect
 import re
 import sys
 import warnings
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -85,8 +86,13 @@ def test_evaluations_are_written_with_the_run_they_evaluate(tmp_path):
     run_cli("fit", *args)
     run = tmp_path / "logs/version_0"
     run_cli("validate", *args, f"--ckpt_path={run}/checkpoints/last.ckpt")
-    [validate] = (run / "eval").glob("validate-*")  # (predict: tests/test_end_to_end.py)
-    assert re.fullmatch(r"validate-\d{8}-\d{6}", validate.name)
+    with mock.patch("time.strftime", return_value="19990101-120000"):  # a second evaluation in the same second
+        run_cli("validate", *args, f"--ckpt_path={run}/checkpoints/last.ckpt")
+        run_cli("validate", *args, f"--ckpt_path={run}/checkpoints/last.ckpt")
+    assert sorted(p.name for p in (run / "eval").glob("validate-1999*")) == [
+        "validate-19990101-120000", "validate-19990101-120000-2"]  # each its own folder
+    [validate] = [p for p in (run / "eval").glob("validate-*") if not p.name.startswith("validate-1999")]
+    assert re.fullmatch(r"validate-\d{8}-\d{6}", validate.name)  # (predict: tests/test_end_to_end.py)
     assert "ckpt_path" in (validate / "config.yaml").read_text() and list(validate.glob("events.out.tfevents.*"))
     # an untrained model on purpose: its scores go to the folder the README names
     out = run_cli("validate", *args, "--untrained=true").stdout
@@ -120,6 +126,11 @@ def test_init_from_records_the_architecture_it_trains_and_resumes(tmp_path):
     # resuming its checkpoints needs no --model.init_from (it was a multi-page state_dict traceback)
     run_cli("fit", *tuned, "--trainer.max_steps=3", "--ckpt_path=last")
     assert load_checkpoint(run / "checkpoints/last.ckpt").meta["step"] == 3
+    # the resume keeps the run's config.yaml as it was and records its own beside it
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+    [resumed] = run.glob("config-resume-*.yaml")
+    assert re.fullmatch(r"config-resume-\d{8}-\d{6}\.yaml", resumed.name)
+    assert yaml.safe_load(resumed.read_text())["trainer"]["max_steps"] == 3
 
 
 def test_ddp_config_on_the_cpu_global_batch_and_a_clean_console(tmp_path):

@@ -119,8 +119,9 @@ class XLabCLI(LightningCLI):
     def place_logs(self, subcommand: str, ckpt_path: Path | None) -> None:
         """Resuming a checkpoint of a run folder (`<run>/checkpoints/*.ckpt`) logs to that folder: one
         TensorBoard run, and ModelCheckpoint's best-k bookkeeping restored (Lightning restores it only into the
-        same folder). An evaluation logs to `<run>/eval/<stage>-<time>/`, or `<logs>/eval/<stage>-<time>/` for a
-        checkpoint outside a run folder. TensorBoard and CSV loggers only."""
+        same folder), its config saved as `config-resume-<time>.yaml` beside the run's own `config.yaml`. An
+        evaluation logs to `<run>/eval/<stage>-<time>/` (`-2`, ... for more in the same second), or
+        `<logs>/eval/<stage>-<time>/` for a checkpoint outside a run folder. TensorBoard and CSV loggers only."""
         args = logger_args(self.config[subcommand])
         if args is None or (subcommand == "fit" and ckpt_path is None):
             return
@@ -132,12 +133,16 @@ class XLabCLI(LightningCLI):
             if root.resolve() != run.parent.resolve():  # else the config's own path, kept as the run wrote it
                 args.save_dir, args.name = str(run.parent), ""
             args.version = run.name
+            if (run / "config.yaml").is_file():  # the run's own config stays; the resume's is saved beside it
+                self.save_config_kwargs["config_filename"] = f"config-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
             return
         # only rank 0 writes logs, and every rank reads the log folder from it (Trainer.log_dir broadcasts):
         # nodes whose clocks read another second agree on the folder
         base = run if run is not None else Path(args.save_dir or ".") / (args.name or "")
         args.save_dir, args.name = str(base / "eval"), ""
-        args.version = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
+        version = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
+        taken = sum(1 for _ in (base / "eval").glob(f"{version}*"))  # evaluations started in the same second
+        args.version = version if taken == 0 else f"{version}-{taken + 1}"
 
     def use_export(self, subcommand: str, folder: Path) -> None:
         """An exported checkpoint (a folder: weights, architecture, tokenizer) holds no training state for
