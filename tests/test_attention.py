@@ -186,6 +186,8 @@ def test_infer_writes_the_maps_and_generates_unless_told_not_to(export, tok, tmp
     (["", "--attention", "{tmp}/maps.png", "--max-new-tokens", "0"], "error: --attention: the prompt has no tokens"),
     (["hi", "--attention", "{tmp}/maps.png", "--backend", "onnx"], "error: --attention needs the torch backend"),
     (["hi", "--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1, got 0"),  # without --attention
+    (["hi", "--attention", "{tmp}/maps.png", "--max-new-tokens", "0", "--beam-width", "3", "--seed", "1"],
+     "error: --beam-width, --seed only apply to generation: --max-new-tokens 0 draws the attention maps only"),
     (["hi", "--attention", "{tmp}/maps.png", "--no-matplotlib"],
      'error: attention maps need matplotlib: pip install -e ".[plot]"'),
 ])

@@ -214,7 +214,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if not maps_only:
+    if maps_only:
+        check_maps_only(args)
+    else:
         generation_config(args, _NoTokenizer())  # the flags, checked before the (slow) load
     onnx = args.backend == "onnx" or (args.backend == "auto" and str(args.checkpoint).endswith(".onnx"))
     respond = onnx_responder(args) if onnx else torch_responder(args)
@@ -287,6 +289,17 @@ def check_attention(args: argparse.Namespace) -> None:
                          f"{', '.join('.' + f for f in sorted(formats))}")
     if not path.parent.is_dir():
         raise UsageError(f"--attention {path}: the folder {path.parent} does not exist")
+
+
+def check_maps_only(args: argparse.Namespace) -> None:
+    """UsageError for generation flags given with --max-new-tokens 0, which generates nothing to apply them to."""
+    defaults = build_parser()
+    names = ["greedy", "beam_width", *SAMPLING_ONLY, "seed", "length_penalty", "num_samples", "repetition_penalty"]
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) != defaults.get_default(name)]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{', '.join(given)} only {verb} to generation: --max-new-tokens 0 draws the attention "
+                         "maps only")
 
 
 def write_attention(path: str, loaded, prompt: str) -> None:
