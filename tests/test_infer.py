@@ -211,3 +211,14 @@ def test_unbounded_max_new_tokens_with_sliding_positions_streams(export):
         batch = generate(model, prompts, config)
         alone = [generate(model, [p], config)[0] for p in prompts]
     assert batch == alone
+
+
+def test_an_empty_prompt_starts_after_an_end_of_document_token(export, capsys):
+    """The data pipeline puts <|endoftext|> between documents; <|bos|> never appears in training. An empty prompt
+    is the start of a document: its continuation is the greedy text after the end-of-document token."""
+    path, model, tokenizer = export
+    assert tokenizer.bos_id != tokenizer.eos_id  # XLab's tokenizers define an (unused) <|bos|>
+    status, out, err = in_process(capsys, path, "", "--greedy", "--max-new-tokens", 12)
+    assert status == 0, err
+    expected = greedy_reference(model, [tokenizer.eos_id], 12, tokenizer.eos_id, keep_eos=False)
+    assert out == tokenizer.decode(expected) + "\n"

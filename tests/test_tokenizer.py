@@ -177,3 +177,14 @@ def test_token_bytes_of_a_sentencepiece_style_vocabulary():
     for text in ("hello world", "naïve 日本 🙂\n"):  # "▁" stands for the prepended space; unseen bytes fall back
         ids = tok.encode(text)
         assert sum(lengths[i] for i in ids) == len(tok.decode(ids).encode()) == len((" " + text).encode()), text
+
+
+def test_documents_start_after_the_end_of_document_token_or_the_prompt_bos(trained):
+    """start_id: what an empty prompt is conditioned on. XLab's data puts <|endoftext|> before each document (its
+    <|bos|> is never written); a tokenizer whose template prepends a BOS (Llama's <s>) starts from that."""
+    from tokenizers import processors
+
+    assert trained.start_id == trained.eos_id != trained.bos_id
+    llama = Tokenizer.from_str(trained.to_str())
+    llama.hf.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, llama.bos_id)])
+    assert llama.start_id == llama.bos_id == llama.encode_prompt("x")[0]

@@ -5,7 +5,7 @@ are left-padded and masked (`positions`, `key_mask`), each sequence stops on its
 end-of-document token (`eos_id`) or at `max_new_tokens`, and beam search advances all beams of all
 prompts in one forward pass per step, reordering the cache rather than recomputing it.
 
-    config = GenerationConfig(strategy="sample", temperature=0.8, top_k=50, eos_id=tok.eos_id, bos_id=tok.bos_id)
+    config = GenerationConfig(strategy="sample", temperature=0.8, top_k=50, eos_id=tok.eos_id, bos_id=tok.start_id)
     [[completion]] = generate(model, [tok.encode("Once upon a time")], config, torch.Generator().manual_seed(0))
     print(tok.decode(completion.tokens))
 

@@ -75,10 +75,7 @@ class XLabLM(TemplateLM):
         self.max_length = context if max_length is None else int(max_length)
         if not 1 <= self.max_length <= context:
             raise HarnessError(f"max_length must be in [1, {context}] (the model's context), got {max_length}")
-        # a token to condition the first one on: the one the tokenizer starts a prompt with (Llama's <s>), as
-        # lm-eval's hf model takes the BOS token; XLab's and GPT-2's tokenizers add none and their models see
-        # the end-of-document token before every document, as the data pipeline writes them
-        self._prefix_token_id = (self.tok.encode_prompt("") or [self.tok.eos_id])[0]
+        self._prefix_token_id = self.tok.start_id  # what an empty context is conditioned on
 
     # ------------------------------------------------------------------ what TemplateLM builds on
 

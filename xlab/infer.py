@@ -100,7 +100,7 @@ def generation_config(args: argparse.Namespace, tokenizer):
         raise UsageError("--num-samples > 1 needs sampling or beam search: greedy search has one result")
     fields = {"strategy": strategy, "max_new_tokens": args.max_new_tokens,
               "repetition_penalty": args.repetition_penalty, "num_return_sequences": args.num_samples,
-              "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id}
+              "eos_id": tokenizer.eos_id, "bos_id": tokenizer.start_id, "pad_id": tokenizer.pad_id}
     if strategy == "sample":
         fields |= SAMPLING_DEFAULTS | given
     if strategy == "beam":
@@ -320,7 +320,7 @@ def write_attention(path: str, loaded, prompt: str) -> None:
 class _NoTokenizer:
     """Special ids for checking the flags before the checkpoint (and its tokenizer) is loaded."""
 
-    eos_id = bos_id = pad_id = None
+    eos_id = start_id = pad_id = None
 
 
 if __name__ == "__main__":

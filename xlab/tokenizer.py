@@ -57,6 +57,13 @@ class Tokenizer:
         as transformers' tokenizers add them: Llama's `<s>` (BOS) first. XLab's own tokenizers add none."""
         return self.hf.encode(text, add_special_tokens=True).ids
 
+    @property
+    def start_id(self) -> int:
+        """The token a document starts after, which an empty prompt or context is conditioned on: the one the
+        tokenizer puts before a prompt (Llama's `<s>`), else the end-of-document token, which XLab's data
+        pipeline writes before every document but the first. XLab's `<|bos|>` never appears in its training data."""
+        return (self.encode_prompt("") or [self.eos_id])[0]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel on Rust threads (the fast path: no character offsets)."""
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
