@@ -77,16 +77,15 @@ def evaluate(model: str, model_args: dict, folder: Path) -> dict:
                                    task_manager=TaskManager(include_path=str(folder), include_defaults=False))
 
 
-def hf_args(folder: Path, tok) -> dict:
-    # XLab's data pipeline puts the end-of-document token before each document; hf would take <|bos|>
-    return {"pretrained": str(folder / "hf"), "dtype": "float32", "prefix_token_id": tok.eos_id}
+def hf_args(folder: Path) -> dict:
+    return {"pretrained": str(folder / "hf"), "dtype": "float32"}  # its own BOS: the export's <|endoftext|>
 
 
 def test_results_equal_lm_evals_hf_model_on_the_export(setup, monkeypatch):
     tmp, _, tok = setup
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ours = evaluate("xlab", {"checkpoint": str(tmp / "run.ckpt")}, tmp)
-    ref = evaluate("hf", hf_args(tmp, tok), tmp)
+    ref = evaluate("hf", hf_args(tmp), tmp)
     for task in (MC_TASK, PPL_TASK, GEN_TASK):
         for metric, value in ref["results"][task].items():
             if isinstance(value, float):  # not the task's alias, nor "N/A" for a stderr
@@ -113,7 +112,7 @@ def test_loglikelihoods_equal_a_plain_forward_and_hf(setup):
     pairs = [("", "the cat"), ("the cat", " sat"), (_text(rng, 40), " on a mat"), ("a", " " + _text(rng, 5))]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     ours = get_model("xlab")(checkpoint=str(tmp / "export"), batch_size=3).loglikelihood(requests, disable_tqdm=True)
-    ref = get_model("hf")(**hf_args(tmp, tok), batch_size=3, device="cpu").loglikelihood(requests, disable_tqdm=True)
+    ref = get_model("hf")(**hf_args(tmp), batch_size=3, device="cpu").loglikelihood(requests, disable_tqdm=True)
     for (context, continuation), (logprob, greedy), (ref_logprob, ref_greedy) in zip(pairs, ours, ref, strict=True):
         ids = tok.encode(context + continuation)
         n = len(ids) - len(tok.encode(context)) if context else len(ids)

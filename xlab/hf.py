@@ -46,7 +46,8 @@ def hf_tokenizer(tokenizer: Tokenizer, context: int | None = None):
     from transformers import PreTrainedTokenizerFast
 
     hf = tokenizer.hf
-    names = {"eos_token": EOS, "bos_token": hf.id_to_token(tokenizer.bos_id),
+    # the BOS transformers (and lm-eval's hf model) condition an empty input on: the token documents start after
+    names = {"eos_token": EOS, "bos_token": hf.id_to_token(tokenizer.start_id),
              "pad_token": hf.id_to_token(tokenizer.pad_id)}
     extra = {"model_max_length": context} if context else {}
     return PreTrainedTokenizerFast(tokenizer_object=hf, split_special_tokens=True, clean_up_tokenization_spaces=False,
@@ -63,7 +64,7 @@ def export_hf(loaded: Loaded, output: str | Path, force: bool = False, dtype: to
     import transformers
 
     config, tok = loaded.model.config, loaded.tokenizer
-    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    ids = {"bos_token_id": tok.start_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     hf_config = hf_config_from_xlab(config, **ids)  # raises for architectures that do not map
     check_output(output, force)
     state = hf_state_dict_from_xlab(loaded.model.state_dict(), config)
