@@ -17,13 +17,14 @@ PLOT_EXTRA = 'pip install -e ".[plot]"'
 VISIBLE = {"\n": "⏎", "\t": "⇥", " ": "␣"}  # characters a tick label would show as nothing
 
 
-def figure_class():
-    """matplotlib's `Figure`, or ImportError naming the extra to install. Figures are made without pyplot: no
-    global figure registry to leak into, no GUI backend chosen for a process that may have its own."""
+def figure_class(user: str = "attention maps"):
+    """matplotlib's `Figure`, or ImportError naming the extra to install (for `user`, what needs it). Figures are
+    made without pyplot: no global figure registry to leak into, no GUI backend chosen for a process that may
+    have its own."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError(f"attention maps need matplotlib: {PLOT_EXTRA}") from None
+        raise ImportError(f"{user} need matplotlib: {PLOT_EXTRA}") from None
     return Figure
 
 

@@ -172,6 +172,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
     return Loaded(model, tok, {k: v for k, v in data.items() if k not in ("weights", "tokenizer", "arch")})
 
 
+def run_folder(ckpt: Path) -> Path | None:
+    """The run folder a checkpoint of `fit` lives in (`<run>/checkpoints/*.ckpt`), or None for one elsewhere."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def fresh_name(folder: Path, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... when earlier names (the same second's evaluations) are taken in folder."""
+    taken = sum(1 for _ in folder.glob(f"{name}*"))
+    return name if taken == 0 else f"{name}-{taken + 1}"
+
+
 def check_output(output: str | Path, force: bool) -> None:
     """Refuse an existing output unless `force`: call it before slow work, so the error comes first."""
     output = Path(output)

@@ -25,7 +25,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from xlab.callbacks import FlopsSummary, PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
-from xlab.checkpoint import EXPORT_TOKENIZER, CheckpointError, read_checkpoint_file, read_export_meta
+from xlab.checkpoint import (
+    EXPORT_TOKENIZER,
+    CheckpointError,
+    fresh_name,
+    read_checkpoint_file,
+    read_export_meta,
+    run_folder,
+)
 from xlab.data import XLabDataModule
 from xlab.module import LanguageModel, NonFiniteLoss
 from xlab.tokenizer import Tokenizer
@@ -125,7 +132,7 @@ class XLabCLI(LightningCLI):
         args = logger_args(self.config[subcommand])
         if args is None or (subcommand == "fit" and ckpt_path is None):
             return
-        run = ckpt_path.parent.parent if ckpt_path and ckpt_path.parent.name == "checkpoints" else None
+        run = run_folder(ckpt_path) if ckpt_path else None
         if subcommand == "fit":
             if run is None:
                 return
@@ -140,9 +147,7 @@ class XLabCLI(LightningCLI):
         # nodes whose clocks read another second agree on the folder
         base = run if run is not None else Path(args.save_dir or ".") / (args.name or "")
         args.save_dir, args.name = str(base / "eval"), ""
-        version = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
-        taken = sum(1 for _ in (base / "eval").glob(f"{version}*"))  # evaluations started in the same second
-        args.version = version if taken == 0 else f"{version}-{taken + 1}"
+        args.version = fresh_name(base / "eval", f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     def use_export(self, subcommand: str, folder: Path) -> None:
         """An exported checkpoint (a folder: weights, architecture, tokenizer) holds no training state for

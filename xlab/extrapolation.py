@@ -22,7 +22,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from xlab.checkpoint import CheckpointError, Loaded, atomic_output, check_output, load_checkpoint, read_checkpoint_file
+from xlab.attention import figure_class
+from xlab.checkpoint import (
+    CheckpointError,
+    Loaded,
+    atomic_output,
+    check_output,
+    fresh_name,
+    load_checkpoint,
+    read_checkpoint_file,
+    run_folder,
+)
 from xlab.data import read_manifest, token_dtype
 from xlab.tokenizer import Tokenizer
 from xlab.transformer import Transformer
@@ -137,13 +147,11 @@ def plot(curves: list[Curve], path: Path, split: str, force: bool = False) -> No
     """Loss per token and bpb against position (log scale, `plot_bins`), a line per model, a dashed line at the
     training context. Written under a temporary name and renamed."""
     try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'xlab[plot]'") from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        figure = figure_class("extrapolation plots")
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    fig = figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
     for curve in curves:
         bins = plot_bins(curve.measured)
         x = [(lo + hi) / 2 for lo, hi in bins]
@@ -159,7 +167,6 @@ def plot(curves: list[Curve], path: Path, split: str, force: bool = False) -> No
     fig.suptitle(f"{split} split: {curves[0].windows} windows of {max(c.window for c in curves)} tokens")
     with atomic_output(path, force=force, is_dir=False) as tmp:
         fig.savefig(tmp / path.name, dpi=100, format="png")
-    plt.close(fig)
 
 
 def log_tensorboard(curve: Curve, log_dir: Path, split: str) -> None:
@@ -196,9 +203,9 @@ def split_tokens(folder: Path, split: str, tokenizer: Tokenizer) -> np.ndarray:
 
 def eval_dir(ckpt: Path, split: str) -> Path:
     """`<run>/eval/extrapolate-...` for a checkpoint of a run folder (`<run>/checkpoints/`), as validate and test
-    log; else an `eval/` folder beside the checkpoint."""
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run / "eval" / f"extrapolate-{split}-{time.strftime('%Y%m%d-%H%M%S')}-{ckpt.stem}"
+    log; else an `eval/` folder beside the checkpoint. A second measurement in the same second gets `-2`."""
+    folder = (run_folder(ckpt) or ckpt.parent) / "eval"
+    return folder / fresh_name(folder, f"extrapolate-{split}-{time.strftime('%Y%m%d-%H%M%S')}-{ckpt.stem}")
 
 
 def labels(loaded: list[Loaded], paths: list[Path]) -> list[str]:
