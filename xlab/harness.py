@@ -93,7 +93,7 @@ class XLabLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         # None means the tokenizer's default, which adds the special tokens of its post-processor (transformers')
-        return self.tok.hf.encode(string, add_special_tokens=add_special_tokens is not False).ids
+        return self.tok.encode(string) if add_special_tokens is False else self.tok.encode_prompt(string)
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.hf.decode(tokens, skip_special_tokens=skip_special_tokens)
