@@ -453,6 +453,16 @@ class Transformer(nn.Module):
         positions (B, T): per-row positions, for left-padded batches; default offset + arange(T).
         key_mask (B, S) bool: False marks padding keys that no query may attend to.
         """
+        return self.logits(self.features(idx, cache, positions, key_mask))
+
+    def logits(self, features: Tensor) -> Tensor:
+        """The language-model head: features (..., C) from `features` -> logits (..., V)."""
+        return self.lm_head(features)[..., : self.config.vocab_size]
+
+    def features(self, idx: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
+                 key_mask: Tensor | None = None) -> Tensor:
+        """The final hidden states (B, T, C), normed, that the head turns into logits; arguments as `forward`'s.
+        A loss can take these and the head's weight instead of the (B, T, V) logits."""
         B, T = idx.shape
         offset = cache.length if cache is not None else 0
         learned = self.config.position == "learned"
@@ -473,6 +483,20 @@ class Transformer(nn.Module):
         if learned and last >= self.config.context:
             raise ValueError(f"position {last} is beyond the context of {self.config.context} "
                              f"({self.config.position} positions); truncate the input")
+        x, rope = self.embed(idx, pos, last)
+        # without per-row positions every row has the same ALiBi bias: build one, broadcast over the batch
+        mask = self.attention_mask(pos[None] if positions is None else positions, offset, key_mask, x.dtype)
+        x = self.run_blocks(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return x
+
+    def embed(self, idx: Tensor, pos: Tensor, last: int | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Token embeddings plus absolute positions, and RoPE's cos, sin for the blocks (or None).
+
+        idx (B, T); pos (T,) or (B, T), none past `last` (None: all within the precomputed tables).
+        Returns x (B, T, C) and cos, sin broadcastable to (B, H, T, D).
+        """
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -484,14 +508,13 @@ class Transformer(nn.Module):
         if self.config.position == "rope":
             # (T, D) -> (1, T, D) or (B, T, D) -> (B, 1, T, D): broadcast over the batch and heads
             rope = tuple(table[pos].unsqueeze(-3) for table in self.position_tables(last))
-        # without per-row positions every row has the same ALiBi bias: build one, broadcast over the batch
-        mask = self.attention_mask(pos[None] if positions is None else positions, offset, key_mask, x.dtype)
+        return x, rope
+
+    def run_blocks(self, x: Tensor, rope, mask: Tensor | None, cache) -> Tensor:
+        """x (B, T, C) through every block and the final norm -> (B, T, C)."""
         for block in self.blocks:
             x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.length += T
-        logits = self.lm_head(self.norm(x))
-        return logits[..., : self.config.vocab_size]
+        return self.norm(x)
 
     def scaled_sinusoid(self, length: int, start: int = 0) -> Tensor:
         """The sinusoid (length - start, C) as added to the token embeddings: scaled so that each coordinate's RMS
@@ -500,8 +523,9 @@ class Transformer(nn.Module):
         reads (tests/test_transformer.py::test_token_identity_survives_the_position_signal)."""
         return sinusoidal_table(length, self.config.d_model, start) * (math.sqrt(2) * self.config.init_std)
 
-    def position_tables(self, last: int) -> list[Tensor]:
-        """The sinusoid [(P, C)] or RoPE's [cos, sin] (P, D) covering positions 0..last (P > last).
+    def position_tables(self, last: int | None) -> list[Tensor]:
+        """The sinusoid [(P, C)] or RoPE's [cos, sin] (P, D) covering positions 0..last (P > last); last None:
+        the precomputed tables of the context's positions.
 
         Within the context: the precomputed buffers. Past it (evaluating longer sequences than training's), the
         missing rows are computed by the same formula and appended, the buffers' rows kept as they are; nothing
@@ -512,7 +536,7 @@ class Transformer(nn.Module):
         else:
             tables = [self.rope_cos, self.rope_sin]
         have = tables[0].shape[0]
-        if last < have:
+        if last is None or last < have:
             return tables
         if self.config.position == "sinusoidal":
             more = [self.scaled_sinusoid(last + 1, start=have)]
