@@ -130,6 +130,7 @@ def test_loglikelihoods_equal_a_plain_forward_and_hf(setup):
     ("--model_args checkpoint={tmp}/missing.ckpt --device cpu", "checkpoint not found"),
     ("--model_args checkpoint={tmp}/run.ckpt,max_length=33 --device cpu", "max_length must be in [1, 32]"),
     ("--model_args checkpoint={tmp}/run.ckpt --device cpu --batch_size auto", "batch_size must be a number"),
+    ("--model_args checkpoint={tmp}/run.ckpt,compile=maybe --device cpu", "compile must be True or False"),
     ("--model_args checkpoint={tmp}/run.ckpt --device cuda:7", "device cuda:7 is not available"),
 ])
 def test_bad_model_arguments_are_one_line(setup, capsys, monkeypatch, flags, message):

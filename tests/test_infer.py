@@ -7,6 +7,7 @@ import io
 import itertools
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from test_export import greedy_reference, one_thread
 
 from xlab.checkpoint import Loaded, export_checkpoint
 from xlab.generate import GenerationConfig, generate, stream
-from xlab.infer import REPLY_END, SAMPLING_DEFAULTS, build_parser, main
+from xlab.infer import REPLY_END, SAMPLING_DEFAULTS, build_parser, generation_config, main
 from xlab.tokenizer import Tokenizer
 from xlab.transformer import Transformer, TransformerConfig
 
@@ -79,6 +80,13 @@ def test_sampling_defaults_and_seed_and_beams_give_n_best(export, capsys):
     assert status == 0, err
     assert [line.split(" (")[0] for line in out.splitlines() if line.startswith("---")] == \
         ["--- beam 1", "--- beam 2"]
+
+
+def test_no_compile_turns_off_the_compiled_decoding():
+    """By default the library decides (compiled static-cache decoding on CUDA); --no-compile is eager anywhere."""
+    tokenizer = SimpleNamespace(eos_id=1, start_id=1, pad_id=0)
+    for flags, compile in (([], None), (["--no-compile"], False)):
+        assert generation_config(build_parser().parse_args(["ckpt", "hi", *flags]), tokenizer).compile is compile
 
 
 @pytest.mark.parametrize("args, message", [

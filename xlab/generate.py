@@ -23,8 +23,11 @@ length, N new tokens, V vocabulary.
 
 from __future__ import annotations
 
+import sys
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -36,6 +39,7 @@ from xlab.transformer import KVCache, TransformerConfig
 STRATEGIES = ("greedy", "sample", "beam")
 SLIDING_POSITIONS = ("rope", "alibi", "none")  # relative (or no) positions: a window may start anywhere
 SYNC_EVERY = 8  # steps between "all finished?" checks: each check waits for the device
+_RECOMPILE_LIMIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", RuntimeError)  # a newer torch's name
 
 
 @dataclass
@@ -62,6 +66,10 @@ class GenerationConfig:
     # rope/alibi/none positions past the context: drop this many oldest tokens and re-prefill the rest.
     # 1: every token sees the full context (one prefill per token); larger: cheaper, less context
     slide: int = 1
+    # decode on a static KV cache with a compiled one-token step (`StaticCacheModel`; CUDA graphs on CUDA).
+    # None: on CUDA, for a Transformer; True: on any device (on a CPU it compiles slowly and seldom pays);
+    # False: eagerly on the growing cache. The same tokens either way; the first call per batch shape compiles
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -249,6 +257,151 @@ class _TorchState:
                     kv[:, i, :, shared:n].copy_(kv[:, src[i], :, shared:n])
 
 
+class StaticCacheModel:
+    """A `Transformer` that decodes on static KV caches with one fixed-shape step (`Transformer.step`), compiled:
+    on CUDA with `mode="reduce-overhead"`, so each step replays one CUDA graph instead of launching every kernel
+    from Python. A `Decodable`: `generate(StaticCacheModel(model), ...)`; `generate` builds one itself on CUDA
+    (`GenerationConfig.compile`).
+
+    Each cache holds the whole context, so the step's shapes depend only on the number of rows decoded together
+    (batch x beams or samples): one compilation per row count, reused by every later call, and the caches are
+    kept (one per row count) so that the captured graphs keep their addresses. Prompts (prefills) run eagerly.
+    The first step at each row count is timed and reported through `report` (default: a line on stderr).
+
+    compile False runs the same step eagerly (tests hold it to the growing cache); backend and mode go to
+    `torch.compile` (mode None: "reduce-overhead" on CUDA, inductor's default elsewhere).
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = True, backend: str | Callable = "inductor",
+                 mode: str | None = None, report: Callable[[str], None] | None = None):
+        self.model = model
+        self.config = model.config
+        self.compiled = compile
+        self.built_on = self.device  # the mode suits this device
+        if mode is None and self.device.type == "cuda":
+            mode = "reduce-overhead"
+        self.step = torch.compile(model.step, backend=backend, mode=mode, fullgraph=True, dynamic=False) \
+            if compile else model.step
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._caches: dict[int, tuple[KVCache, weakref.ref | None]] = {}  # rows: (cache, the state using it)
+        self._stepped: set[int] = set()  # row counts that ran a step (compiled)
+
+    @property
+    def device(self) -> torch.device:
+        return _model_dtype_device(self.model)[1]
+
+    def start(self, batch: int, max_len: int) -> ModelState:
+        return _StaticState(self, batch, max_len)
+
+    def cache(self, rows: int, user: _StaticState) -> KVCache:
+        """An empty cache of `rows` rows for `user`: the kept one unless another live state uses it."""
+        dtype, device = _model_dtype_device(self.model)
+        kept, holder = self._caches.get(rows, (None, None))
+        if kept is not None and (kept.k.dtype, kept.k.device) != (dtype, device):  # the model moved
+            self._caches.clear()
+            kept = None
+        if kept is None or (holder is not None and holder() not in (None, user)):
+            cache = KVCache(self.config, rows, self.config.context, device=device, dtype=dtype)
+            if self.compiled:  # graph inputs at fixed addresses: CUDA graphs capture them in place
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+            if kept is not None:  # in use by another generation (two streams at once): a fresh one, not kept
+                return cache
+            kept = cache
+        self._caches[rows] = (kept, weakref.ref(user))
+        kept.length = 0
+        return kept
+
+    def _call(self, *args: Tensor | KVCache) -> Tensor:
+        if not self.compiled:
+            return self.step(*args)
+        # a CUDA graph writes its outputs to the same memory at every replay: a copy outlives the next step
+        return self.step(*args).clone()
+
+    def run_step(self, ids: Tensor, cache: KVCache, positions: Tensor, key_mask: Tensor) -> Tensor:
+        """`Transformer.step` at slot cache.length (compiled, or eager); the first call per row count is timed."""
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=ids.device)
+        rows = ids.shape[0]
+        if rows in self._stepped:
+            return self._call(ids, cache, slot, positions, key_mask)
+        start = time.perf_counter()
+        try:
+            logits = self._call(ids, cache, slot, positions, key_mask)
+        except _RECOMPILE_LIMIT:
+            # Dynamo keeps a limited number of graphs per function, `Transformer.step`, for all models in the
+            # process together: past it, decode eagerly (the same tokens) rather than fail
+            warnings.warn("the decoding step reached torch._dynamo.config.recompile_limit (graphs of "
+                          "Transformer.step, all models together): decoding eagerly from now on; raise the limit "
+                          "to compile more", stacklevel=2)
+            self.step, self.compiled = self.model.step, False
+            logits = self.step(ids, cache, slot, positions, key_mask)
+        if self.compiled:
+            logits.sum().item()  # wait for the device: the time includes the work, not just its launch
+            self.report(f"xlab: compiled the decoding step for {rows} row(s) in {time.perf_counter() - start:.1f} s "
+                        f"(once per row count; GenerationConfig.compile=False or infer.py --no-compile skip it)")
+        self._stepped.add(rows)
+        return logits
+
+
+class _StaticState(_TorchState):
+    """`ModelState` of a `StaticCacheModel`: prompts prefill the cache eagerly, single tokens run its fixed-shape
+    step. The cache spans the context whatever max_len is asked; `max_len` stays what the decoder asked for."""
+
+    def __init__(self, owner: StaticCacheModel, batch: int, max_len: int):
+        self.owner, self.model, self._max_len = owner, owner.model, max_len
+        self.cache = owner.cache(batch, self)
+        self.key_mask: Tensor | None = None  # (R, context) bool: the step's key mask, all True without padding
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    def forward(self, ids: Tensor, positions: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        rows, T = ids.shape
+        if T > 1 or self.cache.length == 0:
+            return super().forward(ids, positions, key_mask)
+        if self.key_mask is None or self.key_mask.shape[0] != rows:
+            self.key_mask = torch.ones(rows, self.cache.max_len, dtype=torch.bool, device=ids.device)
+        if key_mask is not None:
+            self.key_mask[:, :key_mask.shape[1]] = key_mask
+        if positions is None:
+            positions = torch.full((rows, 1), self.cache.length, dtype=torch.long, device=ids.device)
+        # a column of the decoder's sequence: contiguous, so its strides (which the compiled step checks) never vary
+        logits = self.owner.run_step(ids.contiguous(), self.cache, positions, self.key_mask)
+        self.cache.length += 1
+        return logits
+
+    def select(self, index: Tensor) -> None:
+        rows = len(index)
+        if rows == self.cache.k.shape[1]:  # in place: the graphs captured on this cache keep its address
+            for kv in (self.cache.k, self.cache.v):
+                kv.copy_(kv.index_select(1, index))
+            return
+        old = self.cache
+        self.cache = self.owner.cache(rows, self)
+        for src, dst in ((old.k, self.cache.k), (old.v, self.cache.v)):
+            torch.index_select(src, 1, index, out=dst)
+        self.cache.length = old.length
+
+
+def _decoding_model(model: nn.Module | Decodable, config: GenerationConfig) -> nn.Module | Decodable:
+    """What decodes: a `Transformer` as it is, or its `StaticCacheModel` as config.compile asks (None: on CUDA).
+    The StaticCacheModel is kept on the model (`_static_decoding`), so its compiled step and caches serve every
+    later call; it is rebuilt when the model moved to another device."""
+    if not isinstance(model, nn.Module):
+        if config.compile and not isinstance(model, StaticCacheModel):
+            raise ValueError(f"GenerationConfig.compile applies to a Transformer, not to {type(model).__name__}: "
+                             "leave it None or False")
+        return model
+    device = _model_dtype_device(model)[1]
+    if not (config.compile if config.compile is not None else device.type == "cuda" and hasattr(model, "step")):
+        return model
+    static = model.__dict__.get("_static_decoding")
+    if static is None or static.built_on != device:
+        static = model.__dict__["_static_decoding"] = StaticCacheModel(model)
+    return static
+
+
 def _start(model: nn.Module | Decodable, batch: int, max_len: int) -> ModelState:
     return _TorchState(model, batch, max_len) if isinstance(model, nn.Module) else model.start(batch, max_len)
 
@@ -421,7 +574,8 @@ class _EvalMode:
     """Run with the model in eval mode (no dropout), then restore its mode; nothing to do for a `Decodable`."""
 
     def __init__(self, model: nn.Module | Decodable):
-        self.model = model if isinstance(model, nn.Module) else None
+        module = model.model if isinstance(model, StaticCacheModel) else model
+        self.model = module if isinstance(module, nn.Module) else None
 
     def __enter__(self):
         if self.model is not None:
@@ -593,6 +747,7 @@ def generate(model: nn.Module | Decodable, prompts: Sequence[Sequence[int]], con
     _check_model(model)
     config.validate()
     prompts = _prepare_prompts(prompts, config, model.config.context, model.config.vocab_size)
+    model = _decoding_model(model, config)
     with _EvalMode(model):
         dec = _Decoder(model, prompts, config)
         if config.strategy == "beam":
@@ -613,7 +768,7 @@ def stream(model: nn.Module | Decodable, prompt: Sequence[int], config: Generati
         raise ValueError("streaming decodes one sequence: use strategy 'greedy' or 'sample' with "
                          "num_return_sequences=1 (beam search changes earlier tokens until it ends)")
     [prompt] = _prepare_prompts([prompt], config, model.config.context, model.config.vocab_size)
-    return _stream(model, prompt, config, generator)
+    return _stream(_decoding_model(model, config), prompt, config, generator)
 
 
 @torch.inference_mode()  # on a generator function, torch enters the mode around each step only

@@ -50,12 +50,14 @@ class XLabLM(TemplateLM):
     """An XLab training checkpoint (.ckpt) or exported folder as an lm-eval model.
 
     model_args: checkpoint (required), tokenizer (for a checkpoint that carries none), dtype (float32,
-    bfloat16, float16; default: as stored), max_length (default: the model's context). lm-eval's own
+    bfloat16, float16; default: as stored), max_length (default: the model's context), compile (generate_until's
+    compiled static-cache decoding, `GenerationConfig.compile`: default on CUDA; False: eager). lm-eval's own
     --device (default: cuda when available) and --batch_size (a number; default 1) also arrive here.
     """
 
     def __init__(self, checkpoint: str | None = None, device: str | None = None, dtype: str | None = None,
-                 batch_size: int | str = 1, max_length: int | None = None, tokenizer: str | None = None) -> None:
+                 batch_size: int | str = 1, max_length: int | None = None, tokenizer: str | None = None,
+                 compile: bool | None = None) -> None:
         super().__init__()
         if checkpoint is None:
             raise HarnessError("no checkpoint: pass --model_args checkpoint=PATH (a .ckpt or an exported folder)")
@@ -71,6 +73,9 @@ class XLabLM(TemplateLM):
                                  dtype=DTYPES[dtype] if dtype else None)
         self.model, self.tok = loaded.model, loaded.tokenizer
         self.batch_size = int(batch_size)
+        if compile not in (None, True, False):
+            raise HarnessError(f"compile must be True or False, got {compile!r}")
+        self.compile = compile
         context = self.model.config.context
         self.max_length = context if max_length is None else int(max_length)
         if not 1 <= self.max_length <= context:
@@ -181,7 +186,8 @@ class XLabLM(TemplateLM):
         sampling = {k: kwargs.pop(k) for k in ("top_k", "top_p") if k in kwargs}
         if kwargs:
             raise HarnessError(f"generation options the xlab model does not support: {', '.join(sorted(kwargs))}")
-        ids = {"eos_id": self.tok.eos_id, "bos_id": self.prefix_token_id, "pad_id": self.tok.pad_id}
+        ids = {"eos_id": self.tok.eos_id, "bos_id": self.prefix_token_id, "pad_id": self.tok.pad_id,
+               "compile": self.compile}
         try:
             if do_sample:
                 return GenerationConfig(strategy="sample", max_new_tokens=max_new_tokens, temperature=temperature,

@@ -209,7 +209,8 @@ class LanguageModel(L.LightningModule):
         prompts = [tokenizer.encode(p) for p in self.hparams.sample_prompts]
         room = model.config.context - max(map(len, prompts))
         config = GenerationConfig(strategy="sample", max_new_tokens=max(1, min(self.hparams.sample_tokens, room)),
-                                  temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, bos_id=tokenizer.start_id)
+                                  temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, bos_id=tokenizer.start_id,
+                                  compile=False)  # a few short samples: compiling the decoding step would not pay
         generator = torch.Generator(self.device).manual_seed(0)
         with eager(model):
             completions = generate(model, prompts, config, generator)

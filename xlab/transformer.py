@@ -114,6 +114,22 @@ class KVCache:
         self.v = self.v.index_select(1, index)
 
 
+class _SlotWrite:
+    """A `KVCache` as `Transformer.step` uses it: each layer's new keys and values go to a slot given as a tensor
+    (1,), and attention reads the whole buffers (B, G, max_len, D), the slots after it masked. The shapes are the
+    same at every step, so one compiled graph (one CUDA graph) serves them all."""
+
+    def __init__(self, cache: KVCache, slot: Tensor):
+        self.cache, self.slot = cache, slot
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, G, 1, D) at the slot; return all keys and values (B, G, max_len, D)."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys.index_copy_(2, self.slot, k)
+        values.index_copy_(2, self.slot, v)
+        return keys, values
+
+
 def alibi_slopes(n_heads: int) -> Tensor:
     """Head slopes of ALiBi (Press et al.), with the paper's rule for non-powers of two."""
     def powers(n: int) -> list[float]:
@@ -222,9 +238,10 @@ class Linear(nn.Linear):
 
     def _onednn_applies(self, x: Tensor) -> bool:
         # a weight made in inference mode has no version counter to tell when it changes: not cached
-        return (ONEDNN and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not self.weight.is_inference() and not torch.is_autocast_enabled("cpu")
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+        # compiling first: the compiler cannot trace is_inference()
+        return (ONEDNN and not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32 and not self.weight.is_inference()
+                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
                 and not torch.onnx.is_in_onnx_export())
 
     def _onednn_weight(self) -> Tensor:
@@ -455,6 +472,20 @@ class Transformer(nn.Module):
         """
         return self.logits(self.features(idx, cache, positions, key_mask))
 
+    def step(self, idx: Tensor, cache: KVCache, slot: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+        """One decoding step in fixed shapes: logits (B, V) for one token per row, idx (B, 1).
+
+        The tokens' keys and values go to cache slot `slot`, a (1,) long tensor, and attention spans every slot
+        of the cache, those after `slot` masked: no shape and no Python value changes from one step to the next,
+        and nothing waits for the device, so `torch.compile` captures one graph (a CUDA graph) for all steps.
+        positions (B, 1) long: each row's position, below the context (within the precomputed tables).
+        key_mask (B, S) bool over all S = cache.max_len slots: False marks padding. cache.length is not touched:
+        the caller keeps count. The same logits as `forward(idx, cache, ...)` at cache.length == slot.
+        """
+        x, rope = self.embed(idx, positions, None)
+        mask = self.slot_mask(positions, slot, cache.max_len, key_mask, x.dtype)
+        return self.logits(self.run_blocks(x, rope, mask, _SlotWrite(cache, slot)))[:, -1]
+
     def logits(self, features: Tensor) -> Tensor:
         """The language-model head: features (..., C) from `features` -> logits (..., V)."""
         return self.lm_head(features)[..., : self.config.vocab_size]
@@ -516,6 +547,10 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, cache)
         return self.norm(x)
 
+    def __getstate__(self) -> dict:
+        # what generation keeps on the model (`xlab.generate.StaticCacheModel`: compiled code, caches) is not copied
+        return {k: v for k, v in super().__getstate__().items() if k != "_static_decoding"}
+
     def scaled_sinusoid(self, length: int, start: int = 0) -> Tensor:
         """The sinusoid (length - start, C) as added to the token embeddings: scaled so that each coordinate's RMS
         is `init_std`, the scale of the embeddings (and of a learned table) at initialisation. Unscaled, its
@@ -545,16 +580,24 @@ class Transformer(nn.Module):
         return [torch.cat([table, rows.to(table)]) for table, rows in zip(tables, more, strict=True)]
 
     def attention_mask(self, positions: Tensor, offset: int, key_mask: Tensor | None, dtype) -> Tensor | None:
-        """Float mask (B or 1, H or 1, T, S) added to attention scores, or None when plain causal SDPA will do.
+        """Float mask (B or 1, H or 1, T, S) added to attention scores for T queries after `offset` cached
+        positions, or None when plain causal SDPA will do.
 
         positions (B or 1, T): one row (1, T) when all rows share them; with no key_mask the mask is then (1, ...).
         """
-        B, T = positions.shape
-        S = offset + T
+        T = positions.shape[1]
         if self.config.position != "alibi" and key_mask is None and (offset == 0 or T == 1):
             return None  # SDPA's is_causal, or one new token that sees every cached key
+        slots = torch.arange(offset, offset + T, device=positions.device)
+        return self.slot_mask(positions, slots, offset + T, key_mask, dtype)
+
+    def slot_mask(self, positions: Tensor, slots: Tensor, S: int, key_mask: Tensor | None, dtype) -> Tensor:
+        """Float mask (B or 1, H or 1, T, S) for T queries in cache slots `slots` (T,) over keys in slots 0..S-1:
+        each query sees the keys up to its own slot that key_mask (B, >= S) bool does not mark False, with
+        ALiBi's bias by position (positions (B or 1, T), the queries')."""
+        B = positions.shape[0]
         device = positions.device
-        q_idx = torch.arange(offset, S, device=device)[:, None]
+        q_idx = slots[:, None]
         k_idx = torch.arange(S, device=device)[None, :]
         allowed = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
         if key_mask is not None:
@@ -566,8 +609,7 @@ class Transformer(nn.Module):
                 key_pos = k_idx.expand(B, S)
             else:
                 key_pos = (key_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
-            query_pos = positions
-            distance = (query_pos[:, :, None] - key_pos[:, None, :]).to(dtype)  # (B, T, S)
+            distance = (positions[:, :, None] - key_pos[:, None, :]).to(dtype)  # (B, T, S)
             mask = mask - self.alibi.to(dtype)[None, :, None, None] * distance[:, None]
         # a fully masked row (a padding query) would give NaN; let it see itself instead
         return mask.masked_fill(~allowed.any(-1, keepdim=True) & (k_idx == q_idx), 0.0)
