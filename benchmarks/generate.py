@@ -9,6 +9,9 @@ greedy run checks that they produce the same tokens. Three cases, each generatin
 - sample_b8:  batch 8, sampling with temperature 0.8, top-k 50, top-p 0.9;
 - beam4_b1:   batch 1, beam search of width 4 (tokens/s counts the tokens of the best beam).
 
+With --compile, XLab decodes on its static cache with the step compiled (CUDA graphs on CUDA); the one-off
+compile time of each case and whether it gave the eager path's tokens (same seed) are printed too.
+
 Each case also runs "bare": XLab's model forwards alone on the KV cache (a prefill, then one token at a
 time) with as many rows as the case decodes (batch x beams) and no generation logic: the floor for any
 decoding loop over this model. `*_share_of_bare_forward` is XLab's speed over it (1.0: no overhead).
@@ -21,7 +24,7 @@ XLab and HF runs alternate, in one process, so load from other processes hits bo
 of --repeats runs is reported. tokens/s = prompts x new tokens / wall time, prefill included.
 
     python benchmarks/generate.py                                   # CPU, fp32, gpt2 and llama
-    python benchmarks/generate.py --device cuda --dtype bf16 --compile
+    python benchmarks/generate.py --device cuda --dtype bf16 --compile     # static cache + CUDA graphs
     python benchmarks/generate.py --onnx --presets gpt2 --cases greedy_b1      # onnxruntime beside XLab
 
 Prints a table, then as its last line one JSON object; keys ending in `_ratio` are XLab tokens/s over
@@ -43,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlab.convert import config_from_hf, state_dict_from_hf  # noqa: E402
-from xlab.generate import GenerationConfig, generate  # noqa: E402
+from xlab.generate import GenerationConfig, StaticCacheModel, generate  # noqa: E402
 from xlab.transformer import KVCache, Transformer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,11 +83,7 @@ def build(preset: str, args: argparse.Namespace):
     hf, xlab = hf.to(args.device, dtype), xlab.to(args.device, dtype).eval()
     hf.generation_config.eos_token_id = None  # generate exactly --new-tokens tokens
     hf.generation_config.pad_token_id = 0
-    if args.compile:
-        # the cache length and each block's layer index are Python ints that change: let them be dynamic
-        torch._dynamo.config.allow_unspec_int_on_nn_module = True
-        torch._dynamo.config.recompile_limit = 64
-        xlab.forward = torch.compile(xlab.forward, dynamic=True)
+    if args.hf_compile:
         hf.generation_config.cache_implementation = "static"  # HF's compiled generation path
     return hf, xlab
 
@@ -109,13 +108,15 @@ def time_case(hf, xlab, case: str, args: argparse.Namespace, onnx=None) -> tuple
     """Median tokens/s of each implementation over args.repeats alternating runs; whether onnx (an OnnxModel,
     or None) gave XLab's tokens (None without it)."""
     batch, xlab_fields, hf_kwargs = CASES[case]
+    # --compile: the static cache and its compiled step (CUDA graphs on CUDA), compiled in the warmup run
+    decoder = StaticCacheModel(xlab, report=lambda line: None) if args.compile else xlab
     prompts = torch.randint(1, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(1))
-    config = GenerationConfig(max_new_tokens=args.new_tokens, **xlab_fields)
+    config = GenerationConfig(max_new_tokens=args.new_tokens, compile=False, **xlab_fields)  # decoder decides
     input_ids = prompts.to(args.device)
     attention_mask = torch.ones_like(input_ids)
 
     def run_xlab():
-        return generate(xlab, prompts.tolist(), config, torch.Generator(args.device).manual_seed(2))
+        return generate(decoder, prompts.tolist(), config, torch.Generator(args.device).manual_seed(2))
 
     def run_hf():
         return hf.generate(input_ids, attention_mask=attention_mask, max_new_tokens=args.new_tokens,
@@ -153,6 +154,12 @@ def time_case(hf, xlab, case: str, args: argparse.Namespace, onnx=None) -> tuple
                 elif name == "hf":
                     assert out.shape[1] == args.prompt + args.new_tokens, "HF stopped early"
     speed = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+    if args.compile:  # the one-off compilation of the step for this case's row count, and the eager path's tokens
+        speed["compile_seconds"] = next(iter(decoder.compile_seconds.values()))
+        with torch.inference_mode():
+            eager = generate(xlab, prompts.tolist(), config, torch.Generator(args.device).manual_seed(2))
+        tokens = [[[c.tokens for c in row] for row in out] for out in (eager, outputs["xlab"])]
+        speed["matches_eager"] = tokens[0] == tokens[1]
     return speed, (outputs["onnx"] == outputs["xlab"] if onnx else None)
 
 
@@ -162,7 +169,8 @@ def greedy_match(hf, xlab, args: argparse.Namespace) -> bool:
     n = min(32, args.new_tokens)
     with torch.inference_mode():
         ref = hf.generate(prompt.to(args.device), max_new_tokens=n, do_sample=False)[0, args.prompt:].tolist()
-    ours = generate(xlab, prompt.tolist(), GenerationConfig(strategy="greedy", max_new_tokens=n))[0][0].tokens
+    ours = generate(xlab, prompt.tolist(), GenerationConfig(strategy="greedy", max_new_tokens=n, compile=False))
+    ours = ours[0][0].tokens
     return ours == ref
 
 
@@ -183,23 +191,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile XLab's forward (dynamic shapes) and use HF's static-cache compiled path; "
-                             "for GPUs: on CPU both run slower than eager")
+                        help="XLab decodes on its static cache with the compiled step (StaticCacheModel: CUDA graphs "
+                             "on CUDA), compiled during the warmup; for GPUs: on a CPU it seldom pays")
+    parser.add_argument("--hf-compile", action="store_true",
+                        help="HF generate() on its static cache, compiled (cache_implementation='static')")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads, and onnxruntime's with --onnx (0: their defaults)")
     parser.add_argument("--onnx", action="store_true", help="also time the model exported to onnxruntime (fp32)")
     args = parser.parse_args()
-    if args.onnx and (args.dtype != "fp32" or args.compile):
-        parser.error("--onnx runs the float32 export: drop --dtype and --compile")
+    if args.onnx and (args.dtype != "fp32" or args.compile or args.hf_compile):
+        parser.error("--onnx runs the float32 export: drop --dtype, --compile and --hf-compile")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"device={args.device} dtype={args.dtype} compile={args.compile} threads={torch.get_num_threads()} "
+    print(f"device={args.device} dtype={args.dtype} compile={args.compile} hf_compile={args.hf_compile} "
+          f"threads={torch.get_num_threads()} "
           f"layers={args.layers} d_model={args.d_model} heads={args.heads} vocab={args.vocab} "
           f"context={args.context} prompt={args.prompt} new_tokens={args.new_tokens} "
           f"(median of {args.repeats}, +{args.warmup} warmup, alternating)")
     print(f"{'preset':<7}{'case':<11}{'XLab tok/s':>12}{'HF tok/s':>12}{'XLab/HF':>9}")
-    summary: dict[str, object] = {"device": args.device, "dtype": args.dtype, "compile": args.compile}
+    summary: dict[str, object] = {"device": args.device, "dtype": args.dtype, "compile": args.compile,
+                                  "hf_compile": args.hf_compile}
     folder = tempfile.TemporaryDirectory()
     for preset in args.presets:
         hf, xlab = build(preset, args)
@@ -209,6 +221,11 @@ def main() -> None:
             speed, onnx_matches = time_case(hf, xlab, case, args, onnx)
             ratio = speed["xlab"] / speed["hf"]
             print(f"{preset:<7}{case:<11}{speed['xlab']:>12.1f}{speed['hf']:>12.1f}{ratio:>9.2f}")
+            if args.compile:
+                print(f"{'':<7}{'  compiled':<11}in {speed['compile_seconds']:.1f} s, "
+                      f"the eager path's tokens: {speed['matches_eager']}")
+                summary |= {f"{preset}_{case}_compile_seconds": round(speed["compile_seconds"], 1),
+                            f"{preset}_{case}_compiled_matches_eager": speed["matches_eager"]}
             summary |= {f"{preset}_{case}_xlab_tokens_per_s": round(speed["xlab"], 1),
                         f"{preset}_{case}_hf_tokens_per_s": round(speed["hf"], 1),
                         f"{preset}_{case}_tokens_per_s_ratio": round(ratio, 3)}

@@ -266,7 +266,8 @@ class StaticCacheModel:
     Each cache holds the whole context, so the step's shapes depend only on the number of rows decoded together
     (batch x beams or samples): one compilation per row count, reused by every later call, and the caches are
     kept (one per row count) so that the captured graphs keep their addresses. Prompts (prefills) run eagerly.
-    The first step at each row count is timed and reported through `report` (default: a line on stderr).
+    The first step at each row count is timed (`compile_seconds`) and reported through `report` (default: a line
+    on stderr).
 
     compile False runs the same step eagerly (tests hold it to the growing cache); backend and mode go to
     `torch.compile` (mode None: "reduce-overhead" on CUDA, inductor's default elsewhere).
@@ -284,7 +285,7 @@ class StaticCacheModel:
             if compile else model.step
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
         self._caches: dict[int, tuple[KVCache, weakref.ref | None]] = {}  # rows: (cache, the state using it)
-        self._stepped: set[int] = set()  # row counts that ran a step (compiled)
+        self.compile_seconds: dict[int, float] = {}  # row count: the first step's time (compiled)
 
     @property
     def device(self) -> torch.device:
@@ -322,7 +323,7 @@ class StaticCacheModel:
         """`Transformer.step` at slot cache.length (compiled, or eager); the first call per row count is timed."""
         slot = torch.full((1,), cache.length, dtype=torch.long, device=ids.device)
         rows = ids.shape[0]
-        if rows in self._stepped:
+        if rows in self.compile_seconds:
             return self._call(ids, cache, slot, positions, key_mask)
         start = time.perf_counter()
         try:
@@ -335,11 +336,11 @@ class StaticCacheModel:
                           "to compile more", stacklevel=2)
             self.step, self.compiled = self.model.step, False
             logits = self.step(ids, cache, slot, positions, key_mask)
+        logits.sum().item()  # wait for the device: the time includes the work, not just its launch
+        self.compile_seconds[rows] = seconds = time.perf_counter() - start
         if self.compiled:
-            logits.sum().item()  # wait for the device: the time includes the work, not just its launch
-            self.report(f"xlab: compiled the decoding step for {rows} row(s) in {time.perf_counter() - start:.1f} s "
+            self.report(f"xlab: compiled the decoding step for {rows} row(s) in {seconds:.1f} s "
                         f"(once per row count; GenerationConfig.compile=False or infer.py --no-compile skip it)")
-        self._stepped.add(rows)
         return logits
 
 
