@@ -294,6 +294,17 @@ def test_padded_option_reaches_the_dataloader(tmp_path, corpus):
     assert (y[0, n:] == -100).all() and (x[0, n:] == dm.tokenizer.pad_id).all()
 
 
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_batches_are_pinned_for_a_gpu_only(tmp_path, corpus, device, pinned):
+    """Page-locked memory speeds the copy to a GPU; for a CPU run it would only cost."""
+    dm = module(tmp_path, corpus[0], context=64)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1,
+                                 global_rank=0)
+    assert dm.val_dataloader().pin_memory is pinned
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 
 def test_sampler_orders_are_seeded_permutations_distinct_across_ranks():

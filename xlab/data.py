@@ -537,8 +537,10 @@ class XLabDataModule(L.LightningDataModule):
 
     def loader(self, dataset: Dataset, kind: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
         h = self.hparams
+        # page-locked batches for a GPU: Lightning's copy to the device then runs without the host waiting
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return kind(dataset, batch_size=h.batch_size, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0, **kwargs)
+                    persistent_workers=h.num_workers > 0, pin_memory=on_gpu, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         windows = self.windows["train"]
