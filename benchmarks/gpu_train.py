@@ -7,22 +7,35 @@ fused AdamW, random tokens. Prints tokens/s, MFU (against --peak-tflops, 989 for
 peak memory of both, then one JSON line; `trainer_vs_plain_ratio` is the Trainer's tokens/s over
 the plain loop's (1.0 = no overhead).
 
+Two levers apply to both loops alike: --loss-chunk-size N, the chunked cross-entropy of `xlab.loss` over N tokens at
+a time instead of the full logits (`model.loss_chunk_size`), and --attention-backends, the SDPA kernels allowed
+(`model.attention_backends`: flash, cudnn, efficient, math).
+
     python benchmarks/gpu_train.py --preset gpt2 --batch 16
+    python benchmarks/gpu_train.py --preset gpt2 --batch 32 --loss-chunk-size 8192 --attention-backends cudnn
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
+from torch.nn.attention import sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
-from xlab.module import LanguageModel, next_token_loss
-from xlab.optim import param_groups
-from xlab.transformer import Transformer, TransformerConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's xlab, as the other benchmarks
+
+from xlab.loss import linear_cross_entropy, next_token_loss  # noqa: E402
+from xlab.module import ATTENTION_BACKENDS, LanguageModel, sdpa_backends  # noqa: E402
+from xlab.optim import param_groups  # noqa: E402
+from xlab.transformer import Transformer, TransformerConfig  # noqa: E402
 
 PRESETS = {
     "gpt2": dict(position="learned", norm="layernorm", mlp="gelu_tanh", bias=True, tie_embeddings=True),
@@ -50,15 +63,27 @@ class RandomTokens(Dataset):
         return self.data[i, :-1], self.data[i, 1:]
 
 
+def plain_loss(model: Transformer, chunk_size: int, compile: bool) -> Callable:
+    """loss(x, y) of a batch as LanguageModel computes it: on the full logits, or (chunk_size > 0) chunked over
+    the head's weight from the model's features."""
+    maybe_compile = torch.compile if compile else lambda fn: fn
+    if chunk_size:
+        features, loss = maybe_compile(model.features), maybe_compile(linear_cross_entropy)
+        return lambda x, y: loss(features(x).flatten(0, 1), model.lm_head.weight, y.flatten(),
+                                 model.config.vocab_size, chunk_size)
+    if compile:
+        model.compile()
+    loss = maybe_compile(next_token_loss)
+    return lambda x, y: loss(model(x), y)
+
+
 def plain_loop(config: TransformerConfig, data: RandomTokens, batch: int, warmup: int, steps: int,
-               compile: bool) -> tuple[float, int]:
+               compile: bool, loss_chunk_size: int, attention_backends: list[str] | None) -> tuple[float, int]:
     """nanoGPT-style loop: seconds for `steps` steps after `warmup`, and peak memory."""
     torch.manual_seed(0)
     model = Transformer(config).cuda()
-    loss_fn = next_token_loss
-    if compile:
-        model.compile()
-        loss_fn = torch.compile(next_token_loss)
+    loss_fn = plain_loss(model, loss_chunk_size, compile)
+    backends = sdpa_backends(attention_backends)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)
     loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, pin_memory=True, num_workers=2)
     batches = iter(loader)
@@ -68,9 +93,8 @@ def plain_loop(config: TransformerConfig, data: RandomTokens, batch: int, warmup
             torch.cuda.synchronize()
             start = time.perf_counter()
         x, y = (t.cuda(non_blocking=True) for t in next(batches))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(x)
-            loss = loss_fn(logits, y)
+        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(backends) if backends else nullcontext():
+            loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -97,9 +121,10 @@ class StepTimer(L.Callback):
 
 
 def trainer_loop(config: TransformerConfig, data: RandomTokens, batch: int, warmup: int, steps: int,
-                 compile: bool) -> tuple[float, int]:
+                 compile: bool, loss_chunk_size: int, attention_backends: list[str] | None) -> tuple[float, int]:
     torch.manual_seed(0)
-    module = LanguageModel(config, learning_rate=3e-4, compile=compile)
+    module = LanguageModel(config, learning_rate=3e-4, compile=compile, loss_chunk_size=loss_chunk_size,
+                           attention_backends=attention_backends)
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=warmup + steps,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -119,20 +144,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    parser.add_argument("--loss-chunk-size", type=int, default=0,
+                        help="tokens per chunk of the chunked cross-entropy (0: the full logits)")
+    parser.add_argument("--attention-backends", nargs="+", choices=list(ATTENTION_BACKENDS), default=None,
+                        help="SDPA kernels allowed (default: PyTorch's choice)")
     args = parser.parse_args()
     if not torch.cuda.is_available():  # `make bench` runs every benchmark; this one has nothing to do on a CPU
         print("benchmarks/gpu_train.py needs a CUDA GPU: skipped")
         print(json.dumps({"skipped": "no CUDA GPU"}))
         return
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.attention_backends:
+        # the compile caches on disk may not key on the SDPA backend flags (pytorch/pytorch#194007): a graph
+        # compiled under other backends could be reused
+        torch.compiler.config.force_disable_caches = True
     config = gpt2_shape(args.preset, args.context)
     flops_per_token = Transformer(config).flops_per_token()["total"]
     data = RandomTokens(args.batch * (args.warmup + args.steps + 2), args.context, config.vocab_size)
     tokens = args.batch * args.context * args.steps
     results = {"preset": args.preset, "batch": args.batch, "context": args.context, "compile": args.compile,
+               "loss_chunk_size": args.loss_chunk_size, "attention_backends": args.attention_backends,
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "lightning": L.__version__}
     for name, loop in (("plain", plain_loop), ("trainer", trainer_loop)):
-        elapsed, memory = loop(config, data, args.batch, args.warmup, args.steps, args.compile)
+        elapsed, memory = loop(config, data, args.batch, args.warmup, args.steps, args.compile, args.loss_chunk_size,
+                               args.attention_backends)
         rate = tokens / elapsed
         results[f"{name}_tokens_per_s"] = round(rate)
         results[f"{name}_mfu"] = round(flops_per_token * rate / (args.peak_tflops * 1e12), 4)

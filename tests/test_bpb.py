@@ -18,7 +18,8 @@ from test_metrics import table_value
 
 from xlab.checkpoint import load_checkpoint
 from xlab.data import XLabDataModule
-from xlab.module import IGNORE_INDEX, LanguageModel
+from xlab.loss import IGNORE_INDEX
+from xlab.module import LanguageModel
 from xlab.transformer import TransformerConfig
 
 

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from xlab import callbacks
 from xlab.callbacks import Throughput
 from xlab.data import XLabDataModule
-from xlab.module import LanguageModel, NonFiniteLoss, next_token_loss
+from xlab.loss import next_token_loss
+from xlab.module import LanguageModel, NonFiniteLoss
 from xlab.transformer import TransformerConfig
 
 ARCH = TransformerConfig(vocab_size=40, context=8, n_layers=1, n_heads=2, d_model=16)

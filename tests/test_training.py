@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import ROOT, run_cli, tiny_args
 
 from xlab.checkpoint import load_checkpoint
-from xlab.module import IGNORE_INDEX, LanguageModel
+from xlab.loss import IGNORE_INDEX
+from xlab.module import LanguageModel
 from xlab.optim import Schedule, param_groups
 from xlab.transformer import Transformer, TransformerConfig
 

@@ -10,21 +10,41 @@ from dataclasses import asdict, is_dataclass, replace
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from xlab.checkpoint import load_checkpoint
 from xlab.fsdp import full_copy, shard
 from xlab.generate import GenerationConfig, generate
+from xlab.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, target_losses
 from xlab.optim import Schedule, param_groups
 from xlab.transformer import Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100  # targets at padding; cross-entropy and accuracy skip them
+
+
+# `attention_backends`' names for torch.nn.attention.SDPBackend
+ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+# what scaled_dot_product_attention raises when none of the allowed backends fits: on CUDA (after a warning per
+# backend saying why), and on the CPU
+NO_SDPA_KERNEL = ("No available kernel", "No viable backend for scaled_dot_product_attention")
+
+
+def sdpa_backends(names: list[str] | None) -> list[SDPBackend] | None:
+    """The SDPA backends `names` stand for (None: PyTorch's own choice)."""
+    if names is None:
+        return None
+    unknown = [name for name in names if name not in ATTENTION_BACKENDS]
+    if unknown or not names:
+        raise ValueError(f"attention_backends {names}: unknown {unknown or 'empty list'}; choose among "
+                         f"{', '.join(ATTENTION_BACKENDS)}")
+    return [ATTENTION_BACKENDS[name] for name in names]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,18 +62,6 @@ def eager(model: torch.nn.Module):
         model._compiled_call_impl = compiled
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping IGNORE_INDEX."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def target_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in nats of each target of logits (B, T, V), flat (B * T,): 0 at IGNORE_INDEX. Evaluation sums
-    them once both per token (the loss) and per byte (bits per byte)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none")
-
-
 class LanguageModel(L.LightningModule):
     """Trains a `Transformer` on (inputs, targets) batches of token ids, each (B, T).
 
@@ -61,6 +69,10 @@ class LanguageModel(L.LightningModule):
     optimizer: any `torch.optim` class from YAML (`class_path` + `init_args`); by default AdamW
     with `learning_rate`, `weight_decay`, `betas`, fused on CUDA. Weight decay applies to matrices
     only (see `xlab.optim.param_groups`).
+    loss_chunk_size: 0, the cross-entropy of the full logits (B, T, V); N > 0, `xlab.loss.linear_cross_entropy`
+    over N tokens at a time, which never holds more than (N, V) logits. Not with FSDP yet.
+    attention_backends: the SDPA kernels training and evaluation may use (`flash`, `cudnn`, `efficient`, `math`);
+    None, PyTorch's choice. Generation keeps PyTorch's choice.
     """
 
     def __init__(self, arch: TransformerConfig = TransformerConfig(), learning_rate: float = 1e-3,
@@ -68,8 +80,12 @@ class LanguageModel(L.LightningModule):
                  decay_embeddings: bool = False, optimizer: OptimizerCallable | None = None,
                  schedule: Schedule = Schedule(), compile: bool = False, init_from: str | None = None,
                  sample_prompts: list[str] | None = None, sample_tokens: int = 64,
-                 generation: GenerationConfig = GenerationConfig(strategy="greedy", max_new_tokens=64)):
+                 generation: GenerationConfig = GenerationConfig(strategy="greedy", max_new_tokens=64),
+                 loss_chunk_size: int = 0, attention_backends: list[str] | None = None):
         super().__init__()
+        if loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be 0 (the full logits) or positive, got {loss_chunk_size}")
+        self.attention_backends = sdpa_backends(attention_backends)
         model = self.initial_model(arch, init_from)
         arch = model.config  # what save_hyperparameters records: the architecture trained, init_from's if given
         self.save_hyperparameters(ignore=["optimizer"])
@@ -80,6 +96,8 @@ class LanguageModel(L.LightningModule):
             self.hparams.update({k: asdict(v) for k, v in self.hparams.items() if is_dataclass(v)},
                                 _instantiator="lightning.pytorch.cli.instantiate_module")
         self.model = model
+        self.features_fn = model.features  # what the chunked loss runs the model with: not its forward
+        self.chunked_loss_fn = linear_cross_entropy
         self.loss_fn = next_token_loss
         self.eval_loss_fn = target_losses
         self.optimizer_factory = optimizer
@@ -128,6 +146,10 @@ class LanguageModel(L.LightningModule):
 
     def configure_model(self) -> None:
         # a device mesh comes with ModelParallelStrategy (conf/extra/fsdp.yaml); the hook runs once per stage
+        if self.device_mesh is not None and self.hparams.loss_chunk_size:
+            # FSDP2 gathers the root's weights (embeddings, head) in the model's forward hooks, which
+            # `features` and a loss reading lm_head.weight directly would bypass
+            raise ValueError("loss_chunk_size is not supported with FSDP yet: set model.loss_chunk_size=0")
         if self.device_mesh is not None and not isinstance(self.model, FSDPModule):
             shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
         if self.hparams.compile:
@@ -135,41 +157,75 @@ class LanguageModel(L.LightningModule):
             # compiled, the loss reads the logits once instead of materialising a float32 copy
             self.loss_fn = torch.compile(next_token_loss)
             self.eval_loss_fn = torch.compile(target_losses)
+            self.features_fn = torch.compile(self.model.features)
+            self.chunked_loss_fn = torch.compile(linear_cross_entropy)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over non-ignored targets and the logits (B, T, V)."""
+    @contextmanager
+    def attention(self):
+        """Run the model's attention on `attention_backends`, naming them if none of them can."""
+        if self.attention_backends is None:
+            yield
+            return
+        try:
+            # torch.compile picks the kernel when it traces, which happens in here too: the choice holds compiled
+            with sdpa_kernel(self.attention_backends):
+                yield
+        except RuntimeError as err:  # compiled, Dynamo's error quotes PyTorch's
+            if not any(message in str(err) for message in NO_SDPA_KERNEL):
+                raise
+            names = [name for name, backend in ATTENTION_BACKENDS.items() if backend in self.attention_backends]
+            raise ValueError(f"attention_backends {names}: none of them can run this model's attention on "
+                             f"{self.device.type} (PyTorch's warnings, if any, say why); allow another or leave "
+                             "it unset") from err
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor], per_token: bool = False,
+             predict: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cross-entropy of a batch (x, y), each (B, T): its mean over non-ignored targets, or per_token each
+        target's (B * T,), 0 at IGNORE_INDEX; and, with predict, each position's argmax prediction (B * T,).
+
+        Under DDP this still runs inside the wrapped module's forward (Lightning routes training_step through
+        it), so calling the model's `features` rather than its forward keeps DDP's gradient hooks."""
         x, y = batch
-        logits = self.model(x)
-        return self.loss_fn(logits, y), logits
+        if self.hparams.loss_chunk_size:
+            with self.attention():
+                features = self.features_fn(x)
+            out = self.chunked_loss_fn(features.flatten(0, 1), self.model.lm_head.weight, y.flatten(),
+                                       self.model.config.vocab_size, self.hparams.loss_chunk_size,
+                                       "none" if per_token else "mean", predict)
+            return out if predict else (out, None)
+        with self.attention():
+            logits = self.model(x)
+        loss = (self.eval_loss_fn if per_token else self.loss_fn)(logits, y)
+        return loss, logits.detach().argmax(-1).flatten() if predict else None
 
     def training_step(self, batch, batch_idx):
-        loss, logits = self.step(batch)
         logging_step = self.trainer._logger_connector.should_update_logs
+        loss, predictions = self.step(batch, predict=logging_step)  # accuracy only when it is logged
         self.note_non_finite(loss)
         # reading the note waits for the device, so on a GPU only at logging steps (and before every checkpoint)
         if not self.waits_for_device() or logging_step:
             self.check_finite()
         self.tokens_seen += int(batch[0].numel()) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
-        if logging_step:  # accuracy only when it is logged
-            self.train_acc(logits.detach().argmax(-1), batch[1])
+        if logging_step:
+            self.train_acc(predictions, batch[1].flatten())
             self.log_dict({"train/perplexity": loss.detach().exp(), "train/accuracy": self.train_acc,
                            "train/tokens_seen": float(self.tokens_seen)})
         return loss
 
     def evaluate(self, batch, stage: str) -> None:
         """Add a batch to the stage's sums: one cross-entropy pass gives both the loss and bits per byte."""
-        x, y = batch
-        logits = self.model(x)
+        y = batch[1]
+        losses, predictions = self.step(batch, per_token=True, predict=True)
         kept = y != IGNORE_INDEX
-        self.metrics[f"{stage}_nats"].update(self.eval_loss_fn(logits, y).sum())  # ignored targets add 0
+        self.metrics[f"{stage}_nats"].update(losses.sum())  # ignored targets add 0
         self.metrics[f"{stage}_targets"].update(kept.sum())
         if self.token_bytes is not None:  # an ignored target's -100 would index the table from its end: masked
             self.metrics[f"{stage}_bytes"].update((self.token_bytes[y.clamp(min=0)] * kept).sum())
-        self.metrics[f"{stage}_acc"].update(logits.argmax(-1), y)
+        self.metrics[f"{stage}_acc"].update(predictions, y.flatten())
 
     def validation_step(self, batch, batch_idx):
         self.evaluate(batch, "val")
