@@ -155,7 +155,7 @@ def main() -> None:
         return
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.attention_backends:
-        # the compile caches on disk may not key on the SDPA backend flags (pytorch/pytorch#194007): a graph
+        # the compile caches on disk may not key on the SDPA backend flags (pytorch/pytorch#185449): a graph
         # compiled under other backends could be reused
         torch.compiler.config.force_disable_caches = True
     config = gpt2_shape(args.preset, args.context)

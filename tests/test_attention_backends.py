@@ -58,3 +58,13 @@ def test_bad_or_unavailable_backends_are_one_clear_line(tmp_path, backends, mess
     assert result.returncode == 2
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr
+
+
+@pytest.mark.parametrize("backends, disabled", [(None, False), (["math"], True)])
+def test_compiling_with_chosen_backends_bypasses_the_disk_caches(backends, disabled):
+    """The on-disk compile caches do not key on the SDPA backends: a chosen backend turns them off, so a graph
+    compiled under another is never reused (pytorch/pytorch#185449)."""
+    with torch.compiler.config.patch(force_disable_caches=False):
+        LanguageModel(ARCH, compile=True, attention_backends=backends).configure_model()
+        assert torch.compiler.config.force_disable_caches is disabled
+        assert torch._inductor.config.force_disable_caches is disabled  # what inductor reads

@@ -153,6 +153,10 @@ class LanguageModel(L.LightningModule):
         if self.device_mesh is not None and not isinstance(self.model, FSDPModule):
             shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
         if self.hparams.compile:
+            if self.attention_backends is not None:
+                # the on-disk compile caches do not key on the SDPA backends (pytorch/pytorch#185449): a graph
+                # compiled under others would be reused, silently measuring the wrong kernel
+                torch.compiler.config.force_disable_caches = True
             self.model.compile()  # in place: parameter names, and so checkpoints, stay the same
             # compiled, the loss reads the logits once instead of materialising a float32 copy
             self.loss_fn = torch.compile(next_token_loss)
