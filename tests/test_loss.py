@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -189,8 +191,11 @@ def test_cli_validate_with_the_chunked_loss_reports_the_same_figures(tmp_path):
         assert table_value(chunked, metric) == pytest.approx(table_value(full, metric), rel=1e-5), metric
 
 
-def test_compiled_training_with_the_chunked_loss_matches_eager(tmp_path):
-    # torch.compile traces the custom autograd Function: inductor on the CPU, about 40 s on 2 cores from a cold cache
+def test_compiled_training_with_the_chunked_loss_matches_eager(tmp_path, monkeypatch):
+    """torch.compile traces the custom autograd Function, forward and backward, in one graph with the model. The
+    "aot_eager" backend runs that traced graph without generating code: inductor's code generation would add
+    ~30 s on 2 cores from a cold cache (tests/test_static_cache.py runs inductor itself)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     logged = []
     for compile in (False, True):
         torch.manual_seed(0)
