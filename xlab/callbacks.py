@@ -199,7 +199,9 @@ class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar counting optimizer steps rather than batches (they differ under gradient
     accumulation): up to max_steps, from the step a resumed run starts at; without the logger's version number
     (`v_num`), and "Epoch 0" rather than "Epoch 0/-2" for runs bounded by max_steps (Lightning then sets
-    max_epochs to -1)."""
+    max_epochs to -1). In training its metrics are read at logging steps only (see `get_metrics`)."""
+
+    _shown: dict = {}  # the metrics last read, shown until the next logging step
 
     @property
     def total_train_batches(self) -> int | float:
@@ -217,8 +219,13 @@ class ProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step - self._epoch_start_step)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        # reading the logged metrics turns each tensor into a number, which waits for a GPU: in training only at
+        # logging steps (Lightning's bar reads after every batch), the figures read last shown in between
+        if trainer.training and not trainer._logger_connector.should_update_logs:
+            return self._shown
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        self._shown = items
         return items
 
     def _get_train_description(self, current_epoch: int) -> str:
