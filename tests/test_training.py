@@ -112,25 +112,33 @@ def test_progress_bar_hides_v_num_and_the_negative_epoch_count(tmp_path):
     assert "v_num" not in bar.get_metrics(trainer, None)
 
 
-def test_progress_bar_reads_the_metrics_only_at_logging_steps(tmp_path, monkeypatch):
-    """Reading the logged metrics turns each tensor into a number, which waits for a GPU: the bar reads them at
-    logging steps only (what Throughput and the logger do), not after every batch as Lightning's does."""
+def test_training_reads_logged_values_only_at_logging_steps(tmp_path, monkeypatch):
+    """Turning a logged tensor into a number waits for a GPU. No training metric is logged for the progress bar
+    (prog_bar=True), which Lightning converts after every batch, a stale one too; the bar reads the loss and
+    tokens/s itself at logging steps only, and shows them."""
+    from lightning.pytorch.trainer.connectors.logger_connector import result
     from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
     from test_loss import ARCH, batches
     from torch.utils.data import DataLoader
 
-    from xlab.callbacks import ProgressBar
+    from xlab.callbacks import ProgressBar, Throughput
 
-    reads = []
-    read = _LoggerConnector.progress_bar_metrics.fget
-    monkeypatch.setattr(_LoggerConnector, "progress_bar_metrics",
+    reads, conversions = [], []
+    read, convert = _LoggerConnector.callback_metrics.fget, result.convert_tensors_to_scalars
+    monkeypatch.setattr(_LoggerConnector, "callback_metrics",
                         property(lambda self: reads.append(self.trainer.global_step) or read(self)))
-    trainer = L.Trainer(accelerator="cpu", max_steps=9, log_every_n_steps=3, logger=False, callbacks=[ProgressBar()],
-                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda value: conversions.append(value) or convert(value))
+    bar = ProgressBar()
+    trainer = L.Trainer(accelerator="cpu", max_steps=9, log_every_n_steps=3, logger=False,
+                        callbacks=[Throughput(), bar], enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(LanguageModel(ARCH), DataLoader(batches(9), batch_size=None))
     assert sorted(set(reads)) == [3, 6, 9]
-    assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(trainer.callback_metrics["train/loss"].item())
+    assert conversions == []
+    logged = trainer.callback_metrics
+    shown = bar.get_metrics(trainer, None)
+    assert shown["train/loss"] == pytest.approx(logged["train/loss"].item())
+    assert shown["tok/s"] == pytest.approx(logged["perf/tokens_per_s"].item())
 
 
 def test_python_api_checkpoint_loads_without_unpickling(tmp_path, capsys):

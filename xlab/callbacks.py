@@ -94,7 +94,6 @@ class Throughput(L.Callback):
         if self.peak_flops:
             metrics["perf/mfu"] = self._flops_per_token * tokens_per_s / (self.peak_flops * trainer.world_size)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
-        pl_module.log("tok/s", tokens_per_s, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         self._start = None
 
 
@@ -195,13 +194,16 @@ class PredictionWriter(BasePredictionWriter):
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction)
 
 
+SHOWN = {"train/loss": "train/loss", "tok/s": "perf/tokens_per_s"}  # the progress bar's training figures: logged as
+
+
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar counting optimizer steps rather than batches (they differ under gradient
     accumulation): up to max_steps, from the step a resumed run starts at; without the logger's version number
     (`v_num`), and "Epoch 0" rather than "Epoch 0/-2" for runs bounded by max_steps (Lightning then sets
-    max_epochs to -1). In training its metrics are read at logging steps only (see `get_metrics`)."""
+    max_epochs to -1). In training it shows the loss and tokens/s read at logging steps only (see `get_metrics`)."""
 
-    _shown: dict = {}  # the metrics last read, shown until the next logging step
+    _figures: dict = {}  # the training figures read at the last logging step
 
     @property
     def total_train_batches(self) -> int | float:
@@ -219,14 +221,15 @@ class ProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step - self._epoch_start_step)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        # reading the logged metrics turns each tensor into a number, which waits for a GPU: in training only at
-        # logging steps (Lightning's bar reads after every batch), the figures read last shown in between
-        if trainer.training and not trainer._logger_connector.should_update_logs:
-            return self._shown
+        """Lightning's items, and the training loss and tokens/s as logged at the last logging step. Reading a logged
+        tensor waits for a GPU: it happens at logging steps only, and no training metric is logged with prog_bar=True,
+        which Lightning would turn into a number after every batch."""
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        self._shown = items
-        return items
+        if trainer.training and trainer._logger_connector.should_update_logs:
+            logged = trainer.callback_metrics
+            self._figures = {name: float(logged[key]) for name, key in SHOWN.items() if key in logged}
+        return items | self._figures
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = super()._get_train_description(current_epoch)

@@ -213,7 +213,7 @@ class LanguageModel(L.LightningModule):
         if not self.waits_for_device() or logging_step:
             self.check_finite()
         self.tokens_seen += int(batch[0].numel()) * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         if logging_step:
             self.train_acc(predictions, batch[1].flatten())
             self.log_dict({"train/perplexity": loss.detach().exp(), "train/accuracy": self.train_acc,
