@@ -15,7 +15,9 @@ prompts in one forward pass per step, reordering the cache rather than recomputi
     print(streamer.flush())
 
 The model is a `Transformer` or any `Decodable`: `xlab.onnx.OnnxModel` runs an ONNX export in onnxruntime
-through the same strategies (see `ModelState`); tokens are always chosen here, by torch.
+through the same strategies (see `ModelState`); tokens are always chosen here, by torch. On CUDA a
+`Transformer` decodes by default as a `StaticCacheModel`: a static cache and one compiled step
+(`GenerationConfig.compile`).
 
 Shapes: B prompts, R rows decoded together (B, or B x beams / samples), K beams, P padded prompt
 length, N new tokens, V vocabulary.

@@ -3,7 +3,8 @@
 One config dataclass expresses GPT-2, Llama and the variants between them: position
 encoding, norm type and placement, MLP activation, grouped-query attention, QK-norm,
 dropout, weight tying. `KVCache` holds preallocated keys and values for incremental
-decoding. Nothing here imports Lightning: the module can be lifted out on its own.
+decoding, and `Transformer.step` decodes one token in fixed shapes (what CUDA graphs capture).
+Nothing here imports Lightning: the module can be lifted out on its own.
 
 Shapes: B batch, T new tokens, S keys (cached + new), H query heads, G key/value heads,
 D head dimension, C model width, V vocabulary.
