@@ -139,6 +139,21 @@ def test_inductor_compiled_decoding_gives_the_eager_tokens(fresh_dynamo):
         assert tokens_of(generate(static, prompt, config, torch.Generator().manual_seed(3))) == tokens_of(expected)
 
 
+def test_past_the_recompile_limit_decoding_goes_on_eagerly(fresh_dynamo):
+    """Dynamo keeps a limited number of graphs of `Transformer.step` for the whole process: past it the step runs
+    eagerly, with a warning, and the tokens are the same."""
+    model = tiny_model("rope")
+    counter = CompileCounter()
+    static = StaticCacheModel(model, backend=counter, report=lambda line: None)
+    greedy = GenerationConfig(strategy="greedy", max_new_tokens=8)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert tokens_of(generate(static, PROMPTS, greedy)) == tokens_of(generate(model, PROMPTS, greedy))
+        with pytest.warns(UserWarning, match="recompile_limit"):
+            got = generate(static, PROMPTS[:2], greedy)  # 2 rows: a second graph, past the limit
+    assert tokens_of(got) == tokens_of(generate(model, PROMPTS[:2], greedy))
+    assert counter.frame_count == 1 and not static.compiled
+
+
 class CompileSpy:
     """Stands in for torch.compile: records each call's options and returns the function itself (eager)."""
 

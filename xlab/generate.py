@@ -41,7 +41,9 @@ from xlab.transformer import KVCache, TransformerConfig
 STRATEGIES = ("greedy", "sample", "beam")
 SLIDING_POSITIONS = ("rope", "alibi", "none")  # relative (or no) positions: a window may start anywhere
 SYNC_EVERY = 8  # steps between "all finished?" checks: each check waits for the device
-_RECOMPILE_LIMIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", RuntimeError)  # a newer torch's name
+# what a fullgraph compile raises past Dynamo's recompile limit (named FailOnCacheLimitHit before torch 2.7)
+_RECOMPILE_LIMIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+                         if hasattr(torch._dynamo.exc, name))
 
 
 @dataclass
