@@ -2,13 +2,14 @@
 # Every GPU figure of the README's Performance section in one call on a lent GPU machine
 # (../shared/gpu/README.md: carry the wheels in .whl). Each part runs under its own timeout and writes
 # its log to $OUT/PART.log; the last line of each benchmark log is its JSON. Parts in the order given
-# (default: all, about 12 minutes on an H200 after the start):
+# (default: all, about 14 minutes on an H200 after the start, more than a 15-minute lease holds with the
+# machine's start: give one lease `decode fit`, another `train`):
 #
 #   decode   static-cache compiled decoding vs HF generate(), GPT-2 124M shape, both presets  (~4 min)
-#   train    gpu_train.py: the gpt2 preset's baseline and each lever, then llama's baseline    (~6 min)
+#   train    gpu_train.py: the gpt2 preset's baseline and each lever, then llama's baseline    (~8 min)
 #   fit      ./xlab.py fit on the machine's stdlib with --model.compile true: perf/mfu logged  (~2 min)
 #
-#   OUT=out bash benchmarks/gpu_session.sh decode train
+#   OUT=out bash benchmarks/gpu_session.sh decode fit
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -39,6 +40,7 @@ decode() {
 train() {
   part train_gpt2 120 "${TRAIN[@]}" --preset gpt2
   part train_gpt2_chunked_loss 120 "${TRAIN[@]}" --preset gpt2 --loss-chunk-size 8192
+  part train_gpt2_chunked_b64 150 "${TRAIN[@]}" --preset gpt2 --loss-chunk-size 8192 --batch 64  # what the memory buys
   part train_gpt2_cudnn 120 "${TRAIN[@]}" --preset gpt2 --attention-backends cudnn
   part train_llama 120 "${TRAIN[@]}" --preset llama
 }
