@@ -194,7 +194,7 @@ class PredictionWriter(BasePredictionWriter):
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction)
 
 
-SHOWN = {"train/loss": "train/loss", "tok/s": "perf/tokens_per_s"}  # the progress bar's training figures: logged as
+SHOWN = {"train/loss": "train/loss", "tok/s": "perf/tokens_per_s"}  # the progress bar's training figures: logged key
 
 
 class ProgressBar(RichProgressBar):

@@ -66,8 +66,8 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU (default %(default)s)")
     p.add_argument("--no-compile", action="store_true",
-                   help="on CUDA, decode eagerly: no one-off compilation of the decoding step into CUDA graphs "
-                        "(by default on CUDA: a static KV cache and one compiled step, much faster per token)")
+                   help="on CUDA, decode eagerly: no one-off compilation of the decoding step (by default on CUDA: "
+                        "a static KV cache and one compiled step, replayed as a CUDA graph)")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) replacing the checkpoint's own")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
                    help="onnx: run an exported ONNX file in onnxruntime, float32; auto: onnx for a .onnx path "
