@@ -288,7 +288,7 @@ class StaticCacheModel:
         self.step = torch.compile(model.step, backend=backend, mode=mode, fullgraph=True, dynamic=False) \
             if compile else model.step
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
-        self._caches: dict[int, tuple[KVCache, weakref.ref | None]] = {}  # rows: (cache, the state using it)
+        self._caches: dict[int, tuple[KVCache, weakref.ref]] = {}  # rows: (cache, the state using it)
         self.compile_seconds: dict[int, float] = {}  # row count: the first step's time (compiled)
 
     @property
@@ -305,7 +305,7 @@ class StaticCacheModel:
         if kept is not None and (kept.k.dtype, kept.k.device) != (dtype, device):  # the model moved
             self._caches.clear()
             kept = None
-        if kept is None or (holder is not None and holder() not in (None, user)):
+        if kept is None or holder() not in (None, user):
             cache = KVCache(self.config, rows, self.config.context, device=device, dtype=dtype)
             if self.compiled:  # graph inputs at fixed addresses: CUDA graphs capture them in place
                 torch._dynamo.mark_static_address(cache.k)
@@ -339,7 +339,7 @@ class StaticCacheModel:
                           "Transformer.step, all models together): decoding eagerly from now on; raise the limit "
                           "to compile more", stacklevel=2)
             self.step, self.compiled = self.model.step, False
-            logits = self.step(ids, cache, slot, positions, key_mask)
+            logits = self._call(ids, cache, slot, positions, key_mask)
         logits.sum().item()  # wait for the device: the time includes the work, not just its launch
         self.compile_seconds[rows] = seconds = time.perf_counter() - start
         if self.compiled:
