@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_args(tmp: Path, steps: int = 4, **overrides: object) -> list[str]:
-    """Flags for `xlab.py fit|validate|test` that train a ~20K-parameter model on 40 stdlib files."""
+    """Flags for `xlab.py fit|validate|test` that train a ~20K-parameter model on 40 stdlib files. Only sizes are
+    shrunk: the progress bar, logger and callbacks of conf/defaults.yaml stay on, as users run them."""
     flags = {
         "trainer.max_steps": steps, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 2,
-        "trainer.limit_test_batches": 2, "trainer.log_every_n_steps": 1, "trainer.enable_progress_bar": False,
+        "trainer.limit_test_batches": 2, "trainer.log_every_n_steps": 1,
         "trainer.logger.init_args.save_dir": tmp / "logs", "trainer.enable_model_summary": False,
         "model.arch.n_layers": 1, "model.arch.d_model": 32, "model.arch.n_heads": 2, "model.arch.context": 32,
         "model.schedule.warmup_steps": 2, "data.vocab_size": 300, "data.batch_size": 4,

@@ -1,5 +1,5 @@
-"""Callbacks: throughput and MFU, a checkpoint on SIGTERM (preemption), the predictions file, the progress bar,
-the model summary, attention maps in TensorBoard."""
+"""Callbacks: throughput and MFU, the predictions file, the progress bar, the model summary, attention maps in
+TensorBoard. (Saving on SIGTERM and resuming are `xlab.resume`'s.)"""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ModelSummary, RichProgressBar
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary, RichProgressBar
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from torch.distributed.fsdp import FSDPModule
 
+from xlab import loops
 from xlab.attention import MAX_TOKENS, figure_class, prompt_figure
 from xlab.fsdp import full_copy
 from xlab.module import eager
@@ -60,18 +59,20 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 class Throughput(L.Callback):
-    """Logs tokens/s, tokens seen and model FLOPs utilisation every `log_every_n_steps`.
+    """Logs tokens/s and model FLOPs utilisation every `log_every_n_steps`.
 
     MFU = FLOPs per token (the model's 6N + attention estimate) x tokens/s / (peak x devices).
     The peak comes from `peak_flops` (per device), else from `PEAK_FLOPS` or Lightning's table of known GPUs;
-    on a CPU without `peak_flops` MFU is not logged. Under gradient accumulation an interval ends after the
-    last micro-batch of its logging step, and every micro-batch's tokens count. Timing never synchronises the
-    device: over a logging interval the queue of pending work is short against the interval.
+    on a CPU without `peak_flops` MFU is not logged. Tokens are every rank's, over the training time of the
+    interval: a validation inside it is not counted. Under gradient accumulation an interval ends after the last
+    micro-batch of its logging step, and every micro-batch's tokens count. Timing never synchronises the device:
+    over a logging interval the queue of pending work is short against the interval.
     """
 
     def __init__(self, peak_flops: float | None = None):
         self.peak_flops = peak_flops
-        self._start: float | None = None
+        self._start: float | None = None  # of the interval's training time
+        self._paused: float | None = None  # when the validation in progress began
         self._tokens = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -83,10 +84,18 @@ class Throughput(L.Callback):
         if self._start is None:
             self._start, self._tokens = time.perf_counter(), 0
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None:
+            self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._paused is not None:  # the interval's clock skips the validation
+            self._start += time.perf_counter() - self._paused
+            self._paused = None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += batch[0].numel() * trainer.world_size
-        accumulating = trainer.fit_loop.epoch_loop._should_accumulate()  # the step has micro-batches to come
-        if accumulating or not trainer._logger_connector.should_update_logs:
+        if loops.has_micro_batches_to_come(trainer) or not loops.is_logging_step(trainer):
             return
         elapsed = time.perf_counter() - self._start
         tokens_per_s = self._tokens / elapsed
@@ -95,81 +104,6 @@ class Throughput(L.Callback):
             metrics["perf/mfu"] = self._flops_per_token * tokens_per_s / (self.peak_flops * trainer.world_size)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
         self._start = None
-
-
-def resume_point(trainer: L.Trainer) -> tuple[int, int, int]:
-    """Where a checkpoint of `fit` saved now resumes: (epoch, batches of it done, batches done since, to train again).
-
-    Lightning counts a batch once its backward ran, but under gradient accumulation the optimizer steps every
-    `accumulate_grad_batches` batches (and on an epoch's last batch): the gradients of the batches after the last
-    step are not saved, so the resume point is that step and those batches are trained again. An epoch whose
-    batches are all done resumes at the start of the next."""
-    fit_loop = trainer.fit_loop
-    progress = fit_loop.epoch_loop.batch_progress
-    epoch = max(fit_loop.epoch_progress.total.started - 1, 0)  # the epoch in progress, or just ended
-    done = progress.current.processed
-    if done >= trainer.num_training_batches or progress.is_last_batch:
-        return epoch + 1, 0, 0
-    again = done % trainer.accumulate_grad_batches
-    return epoch, done - again, again
-
-
-def counts(ready: int, processed: int, completed: int) -> dict:
-    """A Lightning progress tracker's counts (`started` goes with `ready`)."""
-    return {"ready": ready, "started": ready, "processed": processed, "completed": completed}
-
-
-def resume_loops_at(loops: dict, trainer: L.Trainer, validation_pending: bool) -> None:
-    """Rewrite the fit loop's state in a checkpoint (`checkpoint["loops"]["fit_loop"]`) to the one Lightning writes at
-    the end of the training batch of the `resume_point` (as ModelCheckpoint's `every_n_train_steps` does), from which
-    its restart logic continues exactly. The state it writes elsewhere does not: at the end of `fit` it counts the
-    epoch as finished (training further would skip the rest of it), and between the micro-batches of a step the
-    resumed step would gather too few.
-
-    `validation_pending`: the validation at the resume point was interrupted. It is marked as started with no batch
-    done, which Lightning runs again from its beginning before training on."""
-    epoch, batches, again = resume_point(trainer)
-    trained = trainer.fit_loop.epoch_loop.batch_progress.total.processed - again  # batches, all epochs
-    epoch_counts = counts(epoch + 1, epoch, epoch)  # started, not finished
-    loops["epoch_progress"] = {"total": epoch_counts, "current": epoch_counts}
-    loops["epoch_loop.batch_progress"] = {  # batch number `batches` trained, its end hooks not run
-        "total": counts(trained, trained, trained - 1), "current": counts(batches, batches, batches - 1),
-        "is_last_batch": False}
-    validation_pending = validation_pending and not again  # else it comes again after the batches trained again
-    # the logging step: Lightning adds one on restarting at the end of a batch, one more when replaying its validation
-    steps = trainer.fit_loop.epoch_loop.global_step
-    loops["epoch_loop.state_dict"]["_batches_that_stepped"] = steps - 1 - validation_pending
-    if validation_pending:
-        val = loops["epoch_loop.val_loop.batch_progress"]
-        earlier = val["total"]["completed"] - val["current"]["completed"]
-        val.update(total=counts(earlier + 1, earlier, earlier), current=counts(1, 0, 0))
-
-
-class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (preemption, a SLURM time limit) during `fit`, training or validating, save `last.ckpt` before the
-    process exits; Lightning raises SIGTERMException at a batch boundary, so the state is consistent. Every checkpoint
-    `fit` writes, this one or ModelCheckpoint's, resumes exactly where it was saved: see `resume_loops_at`."""
-
-    def __init__(self):
-        self.validation_interrupted = False
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if (not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING
-                or trainer.sanity_checking):
-            return
-        checkpoint = trainer.checkpoint_callback
-        folder = Path(checkpoint.dirpath) if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath \
-            else Path(trainer.default_root_dir) / "checkpoints"
-        path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-        self.validation_interrupted = trainer.validating  # read by on_save_checkpoint
-        trainer.save_checkpoint(path)
-        self.validation_interrupted = False
-        log.warning("SIGTERM received at step %d%s: saved %s", trainer.global_step,
-                    " during validation" if trainer.validating else "", path)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and "loops" in checkpoint:
-            resume_loops_at(checkpoint["loops"]["fit_loop"], trainer, self.validation_interrupted)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -212,13 +146,18 @@ class ProgressBar(RichProgressBar):
         return trainer.max_steps if trainer.max_steps > 0 else \
             math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self._epoch_start_step = trainer.global_step if trainer.max_steps <= 0 else 0
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # which counts batches
-        self._update(self.train_progress_bar_id, trainer.global_step - self._epoch_start_step)
+        self._update(self.train_progress_bar_id, self.steps_done(trainer))
+
+    @staticmethod
+    def steps_done(trainer: L.Trainer) -> int:
+        """The run's optimizer steps (bounded by max_steps), else the current epoch's. Worked out at every batch:
+        a run resumed mid-epoch starts without Lightning's on_train_epoch_start."""
+        if trainer.max_steps > 0:
+            return trainer.global_step
+        done, accumulate = loops.batches_done_in_epoch(trainer), trainer.accumulate_grad_batches
+        return math.ceil(done / accumulate) if done >= trainer.num_training_batches else done // accumulate
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """Lightning's items, and the training loss and tokens/s as logged at the last logging step. Reading a logged
@@ -226,7 +165,7 @@ class ProgressBar(RichProgressBar):
         which Lightning would turn into a number after every batch."""
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        if trainer.training and trainer._logger_connector.should_update_logs:
+        if trainer.training and loops.is_logging_step(trainer):
             logged = trainer.callback_metrics
             self._figures = {name: float(logged[key]) for name, key in SHOWN.items() if key in logged}
         return items | self._figures

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from xlab.callbacks import FlopsSummary, PredictionWriter, PreemptionCheckpoint, ProgressBar, Throughput
+from xlab.callbacks import FlopsSummary, PredictionWriter, ProgressBar, Throughput
 from xlab.checkpoint import (
     EXPORT_TOKENIZER,
     CheckpointError,
@@ -181,7 +181,6 @@ class XLabCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_accelerator(config.trainer)
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(PreemptionCheckpoint())
         replace_callback(trainer, trainer.progress_bar_callback, RichProgressBar, ProgressBar())
         for summary in [c for c in trainer.callbacks if type(c) in (ModelSummary, RichModelSummary)]:
             replace_callback(trainer, summary, type(summary), FlopsSummary(summary._max_depth))

@@ -39,7 +39,6 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from xlab.callbacks import resume_point
 from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files, source_state
 from xlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 from xlab.windows import (
@@ -585,28 +584,23 @@ class XLabDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------ resuming mid-epoch
 
-    def state_dict(self) -> dict:
-        """Where training is in its epoch, saved by Lightning in checkpoints: the windows drawn so far by all ranks
-        together up to the checkpoint's resume point (`xlab.callbacks.resume_point`: the last optimizer step),
-        and the batches per rank the training loop counts there."""
-        if self.train_sampler is None or self.trainer is None:
-            return {}
-        epoch, batches, _ = resume_point(self.trainer)
-        return {"epoch": epoch, "batches": batches,
-                "seen": batches * self.hparams.batch_size * self.trainer.world_size, "seed": self.hparams.seed,
-                "windows": len(self.windows["train"]), "fingerprint": self.fingerprint()}
+    def position_key(self) -> dict:
+        """What a saved position in the training order is valid for: the same windows in the same order."""
+        return {"seed": self.hparams.seed, "windows": len(self.windows["train"]), "fingerprint": self.fingerprint()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.resume_state = state or None  # applied by the next train_dataloader()
+    def resume_at(self, epoch: int, windows: int, loop_batches: int, data: dict | None) -> None:
+        """Continue epoch `epoch` after its first `windows` training windows (all ranks together; counted by
+        `xlab.resume`), of which the training loop counts `loop_batches` batches per rank as done. `data`: the
+        `position_key` of the run that saved it. Applied by the next `train_dataloader()`."""
+        self.resume_state = {"epoch": epoch, "windows": windows, "loop_batches": loop_batches, "data": data}
 
     def resume(self, state: dict) -> None:
-        here = (self.hparams.seed, len(self.windows["train"]), self.fingerprint())
-        if (state["seed"], state["windows"], state["fingerprint"]) != here:
+        if state["data"] != self.position_key():
             log.warning("the checkpoint was trained on other data (seed, windows or data differ): "
                         "training starts its epoch from the beginning")
             return
-        self.train_sampler.resume(state["epoch"], state["seen"], state["batches"] * self.hparams.batch_size)
-        info("resuming epoch %d after %d training windows", state["epoch"], state["seen"])
+        self.train_sampler.resume(state["epoch"], state["windows"], state["loop_batches"] * self.hparams.batch_size)
+        info("resuming epoch %d after %d training windows", state["epoch"], state["windows"])
 
 
 def read_prompts(path: Path) -> list[str]:

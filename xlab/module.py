@@ -17,11 +17,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from xlab import loops
 from xlab.checkpoint import load_checkpoint
 from xlab.fsdp import full_copy, shard
 from xlab.generate import GenerationConfig, generate
 from xlab.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, target_losses
 from xlab.optim import Schedule, param_groups
+from xlab.resume import Resume
 from xlab.transformer import Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,8 @@ class LanguageModel(L.LightningModule):
         self.optimizer_factory = optimizer
         self.schedule = schedule
         self.generation = generation
-        self.tokens_seen = 0
+        self.resume = Resume()  # what the run has consumed; see configure_callbacks
+        self._step_sums: torch.Tensor | None = None  # see log_training
         self.first_bad: tuple[torch.Tensor, torch.Tensor] | None = None  # see note_non_finite
         vocab = self.model.config.vocab_size
         # sums over the whole evaluation, synced across ranks by compute(): the loss is nats / targets and bits per
@@ -117,7 +120,6 @@ class LanguageModel(L.LightningModule):
         # UTF-8 bytes of the text each token id stands for (special tokens 0), from the datamodule's tokenizer in
         # setup(): None without one, and then no bits per byte. Not persistent: checkpoints stay as they were
         self.register_buffer("token_bytes", None, persistent=False)
-        self.train_acc = MulticlassAccuracy(vocab, average="micro", ignore_index=IGNORE_INDEX)
 
     @staticmethod
     def initial_model(arch: TransformerConfig, init_from: str | None) -> Transformer:
@@ -205,20 +207,38 @@ class LanguageModel(L.LightningModule):
         loss = (self.eval_loss_fn if per_token else self.loss_fn)(logits, y)
         return loss, logits.detach().argmax(-1).flatten() if predict else None
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.resume]  # with any Trainer: exact resumes, the counters in checkpoints, a save on SIGTERM
+
     def training_step(self, batch, batch_idx):
-        logging_step = self.trainer._logger_connector.should_update_logs
+        logging_step = loops.is_logging_step(self.trainer)
         loss, predictions = self.step(batch, predict=logging_step)  # accuracy only when it is logged
         self.note_non_finite(loss)
         # reading the note waits for the device, so on a GPU only at logging steps (and before every checkpoint)
         if not self.waits_for_device() or logging_step:
             self.check_finite()
-        self.tokens_seen += int(batch[0].numel()) * self.trainer.world_size
-        self.log("train/loss", loss)
-        if logging_step:
-            self.train_acc(predictions, batch[1].flatten())
-            self.log_dict({"train/perplexity": loss.detach().exp(), "train/accuracy": self.train_acc,
-                           "train/tokens_seen": float(self.tokens_seen)})
+        self.log_training(loss, predictions, batch[1])
         return loss
+
+    def log_training(self, loss: torch.Tensor, predictions: torch.Tensor | None, targets: torch.Tensor) -> None:
+        """Log `train/loss` once per optimizer step: the mean of its micro-batches' losses over every rank, the
+        objective the step's gradient averages. At logging steps, also its perplexity, `train/accuracy` over all the
+        step's targets (every rank). Sums gather over the step's micro-batches (B, T)
+        without waiting for the device; the ranks' sums are added once, at the step's last micro-batch."""
+        correct = kept = torch.zeros((), device=loss.device)
+        if predictions is not None:  # (B * T,)
+            mask = targets.flatten() != IGNORE_INDEX
+            correct, kept = ((predictions == targets.flatten()) & mask).sum(), mask.sum()
+        sums = torch.stack([loss.detach().float(), torch.ones_like(loss, dtype=torch.float), correct, kept]).float()
+        self._step_sums = sums if self._step_sums is None else self._step_sums + sums
+        if loops.has_micro_batches_to_come(self.trainer):
+            return
+        losses, micro_batches, correct, kept = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum")
+        self._step_sums = None
+        mean = losses / micro_batches
+        self.log("train/loss", mean)
+        if predictions is not None:
+            self.log_dict({"train/perplexity": mean.exp(), "train/accuracy": correct / kept})
 
     def evaluate(self, batch, stage: str) -> None:
         """Add a batch to the stage's sums: one cross-entropy pass gives both the loss and bits per byte."""
@@ -369,15 +389,11 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
         best = getattr(self.trainer.checkpoint_callback, "best_model_score", None)
-        checkpoint["xlab"] = {
+        checkpoint.setdefault("xlab", {}).update({  # beside what `xlab.resume` wrote: the run's counters
             "arch": asdict(self.model.config),
             "tokenizer": tokenizer.to_str() if tokenizer is not None else None,
             "tokenizer_path": str(getattr(datamodule, "tokenizer_path", "")),
             "data_fingerprint": datamodule.fingerprint() if datamodule is not None else None,
             "step": self.global_step,
-            "tokens_seen": self.tokens_seen,
             "val_loss": float(best) if best is not None else None,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.tokens_seen = checkpoint.get("xlab", {}).get("tokens_seen", 0)
+        })
