@@ -1,5 +1,7 @@
 """Resume and preemption: a run that stops (finished, or SIGTERM while training, while validating, or between the
-micro-batches of an accumulated step) and is resumed from its last.ckpt trains as a straight run does, step by step.
+micro-batches of an accumulated step) and is resumed from its last.ckpt trains as a straight run does, step by step,
+and its checkpoints count what it consumed (steps, windows, tokens) as the straight run's do. Resumed on another
+number of processes, the counts stay those of the windows drawn.
 
 The runs go through the real CLI in this process (`xlab.cli.main`), on a corpus small enough for epochs of about ten
 batches. SIGTERM is sent by the process to itself from a callback at a given batch: the interruption is deterministic.
@@ -18,9 +20,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import run_script, tiny_args
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_distributed import free_port
 
 from xlab.checkpoint import load_checkpoint
 from xlab.cli import main
@@ -84,19 +87,44 @@ def total_steps(work: Path, accumulate: int = 1) -> int:
     return steps + -steps % VAL_EVERY
 
 
-def fit(work: Path, name: str, steps: int, *flags: str, accumulate: int = 1, **overrides) -> None:
-    """`xlab.py fit` logging to work/name/version_N; the learning-rate schedule always spans the reference run, so
-    that stopping earlier is an interruption, not a shorter run."""
-    args = tiny_args(work, steps, **{
+def fit_args(work: Path, name: str, steps: int, accumulate: int = 1, **overrides) -> list[str]:
+    """Flags of `xlab.py fit` logging to work/name/version_N; the learning-rate schedule always spans the reference
+    run, so that stopping earlier is an interruption, not a shorter run."""
+    return tiny_args(work, steps, **{
         "trainer.val_check_interval": VAL_EVERY, "trainer.logger.init_args.save_dir": work / name,
         "model.schedule.total_steps": total_steps(work, accumulate), "model.sample_prompts": "null",
         **data_args(work), **overrides})
+
+
+def fit(work: Path, name: str, steps: int, *flags: str, accumulate: int = 1, **overrides) -> None:
+    """`xlab.py fit` in this process, one device, `accumulate` batches of 4 a step."""
     with mock.patch.object(sys, "argv", ["xlab.py"]):  # the CLI's arguments are these, not pytest's
-        main(["fit", *args, *flags, f"--global_batch_size={4 * accumulate}"])
+        main(["fit", *fit_args(work, name, steps, accumulate, **overrides), *flags,
+              f"--global_batch_size={4 * accumulate}"])
 
 
 def last(work: Path, name: str) -> Path:
     return work / name / "version_0/checkpoints/last.ckpt"
+
+
+def expected_consumed(work: Path, steps: int, accumulate: int = 1) -> dict:
+    """What a run of `steps` optimizer steps on one process consumed, worked out by hand: a step takes `accumulate`
+    batches of 4 windows of 32 tokens, or the rest of its epoch (Lightning steps on an epoch's last batch)."""
+    epoch_batches, taken, epoch, in_epoch = per_epoch(work), 0, 0, 0
+    for _ in range(steps):
+        if in_epoch == epoch_batches:
+            epoch, in_epoch = epoch + 1, 0
+        batches = min(accumulate, epoch_batches - in_epoch)
+        taken, in_epoch = taken + batches, in_epoch + batches
+    return {"steps": steps, "windows": taken * 4, "tokens": taken * 4 * 32, "epoch": epoch,
+            "epoch_windows": in_epoch * 4}
+
+
+def assert_consumed(checkpoint: Path, expected: dict) -> None:
+    """The checkpoint's counters, as `./manage.py inspect` reads them, are `expected`'s."""
+    meta = load_checkpoint(checkpoint).meta
+    assert (meta["step"], meta["tokens_seen"]) == (expected["steps"], expected["tokens"])
+    assert meta["consumed"] == expected
 
 
 def sigterm_at(batches: int, validation: bool = False) -> str:
@@ -146,7 +174,10 @@ def test_training_longer_from_a_finished_run_is_exact(work, straight, where):
     run = f"finished-{stop}"
     # without validation the run's last.ckpt is the one written when fit ends (at a validation it is written then)
     fit(work, run, stop, **{"trainer.limit_val_batches": 0})
+    assert_consumed(last(work, run), expected_consumed(work, stop))
     fit(work, run, total_steps(work), f"--ckpt_path={last(work, run)}", **{"trainer.limit_val_batches": 0})
+    assert_consumed(last(work, "straight"), expected_consumed(work, total_steps(work)))
+    assert_consumed(last(work, run), expected_consumed(work, total_steps(work)))
     assert [min(part) for part in curves(work / run)] == [0, stop]
     assert_same_curve(straight, work / run)
     final, resumed = load_checkpoint(last(work, "straight")), load_checkpoint(last(work, run))
@@ -160,23 +191,25 @@ def test_sigterm_while_training_saves_last_ckpt_and_resumes_exactly(work, straig
     with pytest.raises(SIGTERMException) as stopped:
         fit(work, "sigterm", total_steps(work), sigterm_at(at))
     assert stopped.value.code == 128 + signal.SIGTERM  # as a process ended by SIGTERM: schedulers restart it
-    assert load_checkpoint(last(work, "sigterm")).meta["step"] == at
+    assert_consumed(last(work, "sigterm"), expected_consumed(work, at))
     # with a DataLoader worker, which draws indices as soon as Lightning creates the loader, before it sets the epoch
     fit(work, "sigterm", total_steps(work), "--ckpt_path=last", **{"data.num_workers": 1})  # the newest last.ckpt
     assert_same_curve(straight, work / "sigterm")
     assert_same_curve(straight, work / "sigterm", "val/loss")
+    assert_consumed(last(work, "sigterm"), expected_consumed(work, total_steps(work)))
 
 
 def test_sigterm_during_validation_saves_and_validates_again(work, straight):
     at = 2 * VAL_EVERY
     with pytest.raises(SIGTERMException):
         fit(work, "sigterm-validating", total_steps(work), sigterm_at(at, validation=True))
-    assert load_checkpoint(last(work, "sigterm-validating")).meta["step"] == at
+    assert_consumed(last(work, "sigterm-validating"), expected_consumed(work, at))
     fit(work, "sigterm-validating", total_steps(work), f"--ckpt_path={last(work, 'sigterm-validating')}")
     assert_same_curve(straight, work / "sigterm-validating")
     # the interrupted validation (logged at the step's index, at - 1) is done again, in full, by the resumed run
     assert at - 1 in curves(work / "sigterm-validating", "val/loss")[1]
     assert_same_curve(straight, work / "sigterm-validating", "val/loss")
+    assert_consumed(last(work, "sigterm-validating"), expected_consumed(work, total_steps(work)))
     # ModelCheckpoint's top-k bookkeeping goes on in the same folder: the straight run's best checkpoints
     [resumed], [reference] = (best_k(last(work, name)) for name in ("sigterm-validating", "straight"))
     assert {Path(p).name for p in resumed["best_k_models"]} == {Path(p).name for p in reference["best_k_models"]}
@@ -196,10 +229,32 @@ def test_sigterm_between_micro_batches_resumes_at_the_step_boundary(work, straig
     steps, run = total_steps(work, ACCUMULATE), f"sigterm-accumulating-{at}"
     with pytest.raises(SIGTERMException):
         fit(work, run, steps, sigterm_at(at), accumulate=ACCUMULATE)
-    assert load_checkpoint(last(work, run)).meta["step"] == step
+    # the micro-batch after the step is not counted: the resumed run trains it again
+    assert_consumed(last(work, run), expected_consumed(work, step, ACCUMULATE))
     fit(work, run, steps, f"--ckpt_path={last(work, run)}", accumulate=ACCUMULATE)
     assert_same_curve(straight_accumulated, work / run)
     assert_same_curve(straight_accumulated, work / run, "val/loss")
+    assert_consumed(last(work, "straight-accumulated"), expected_consumed(work, steps, ACCUMULATE))
+    assert_consumed(last(work, run), expected_consumed(work, steps, ACCUMULATE))
+
+
+def test_resuming_on_another_number_of_processes_counts_the_windows_drawn(work):
+    """1 process trains 3 steps, 2 DDP processes go on from its last.ckpt to step 5, 1 process again to step 7: each
+    step drew 4 windows of 32 tokens per process, and the counters say so (and where the epoch goes on)."""
+    run = "processes"
+    fit(work, run, 3, **{"trainer.limit_val_batches": 0})
+    ddp = {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 2,
+           "trainer.limit_val_batches": 0}
+    run_script("xlab.py", "fit", *fit_args(work, run, 5, **ddp), f"--ckpt_path={last(work, run)}",
+               "--global_batch_size=8", env={"MASTER_PORT": str(free_port())})
+    windows = 3 * 4 + 2 * 8
+    expected = {"steps": 5, "windows": windows, "tokens": windows * 32, "epoch": 0, "epoch_windows": windows}
+    assert windows < per_epoch(work) * 4  # one epoch
+    assert_consumed(last(work, run), expected)
+    fit(work, run, 7, f"--ckpt_path={last(work, run)}", **{"trainer.limit_val_batches": 0})
+    windows += 2 * 4
+    assert_consumed(last(work, run), expected | {"steps": 7, "windows": windows, "tokens": windows * 32,
+                                                  "epoch_windows": windows})
 
 
 @pytest.mark.parametrize("before, after", [(2, 3), (3, 2), (1, 4), (4, 1), (2, 2)])
