@@ -3,6 +3,7 @@ the step a non-finite loss is reported at, and DDP evaluation (loss and bits per
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -160,3 +161,55 @@ def test_ddp_validation_counts_each_window_once(tmp_path):
                      "--trainer.devices=2", env={"MASTER_PORT": str(free_port())}).stdout
     for metric in ("val/loss", "val/bpb"):  # sums of nats, targets and bytes over both ranks
         assert table_value(two, metric) == pytest.approx(table_value(one, metric), rel=1e-6, abs=0)
+
+
+def test_throughput_leaves_out_a_validation_inside_the_logging_interval(tmp_path, monkeypatch):
+    """Validation counts micro-batches and logging counts steps: with accumulation a validation falls inside a logging
+    interval. Its time is not training time."""
+    clock = FakeClock([1.0, 3.0])
+
+    class SlowValidation(L.Callback):
+        def on_validation_batch_end(self, *args):
+            clock.now += 100.0
+
+    monkeypatch.setattr(callbacks, "time", clock)
+    batch, logger = 2, Recorder()
+    run = L.Trainer(max_steps=4, accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=3,
+                    default_root_dir=tmp_path, callbacks=[clock.callback(), SlowValidation(), Throughput()],
+                    accumulate_grad_batches=2, log_every_n_steps=2, logger=logger)
+    batches = random_batches(8, batch)
+    run.fit(LanguageModel(ARCH), DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
+    assert clock.now > 200  # two validations ran, after micro-batches 3 and 6: inside both logging intervals
+    logged = {step: m["perf/tokens_per_s"] for step, m in logger.steps.items() if "perf/tokens_per_s" in m}
+    tokens_per_s = 2 * 2 * batch * ARCH.context / 8.0  # 2 steps x 2 micro-batches in 2 x (1 + 3) seconds
+    assert logged == {1: pytest.approx(tokens_per_s), 3: pytest.approx(tokens_per_s)}
+
+
+class StepFigures(L.Callback):
+    """Works out, before each micro-batch trains, its loss and correct predictions at the step's weights (they change
+    only at the step's end): the reference for what is logged for the step."""
+
+    def __init__(self):
+        self.losses, self.correct, self.targets = {}, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with torch.no_grad():
+            logits = pl_module.model(batch[0])
+        step = trainer.global_step
+        self.losses.setdefault(step, []).append(next_token_loss(logits, batch[1]).item())
+        self.correct[step] = self.correct.get(step, 0) + (logits.argmax(-1) == batch[1]).sum().item()
+        self.targets[step] = self.targets.get(step, 0) + batch[1].numel()
+
+
+def test_training_figures_under_accumulation_are_the_steps_not_the_last_micro_batchs(tmp_path):
+    logger, figures = Recorder(), StepFigures()
+    run = trainer(tmp_path, 4, [figures], accumulate_grad_batches=4, log_every_n_steps=2, logger=logger)
+    run.fit(LanguageModel(ARCH), DataLoader(random_batches(16, 2), batch_size=None))
+    for step in (1, 3):  # the logging steps
+        logged = logger.steps[step]
+        mean = sum(figures.losses[step]) / 4
+        assert logged["train/loss"] == pytest.approx(mean, abs=1e-5)
+        assert logged["train/perplexity"] == pytest.approx(math.exp(mean), rel=1e-5)
+        assert logged["train/accuracy"] == pytest.approx(figures.correct[step] / figures.targets[step])
+        assert figures.losses[step][-1] != pytest.approx(mean, abs=1e-5)  # the last micro-batch alone differs
