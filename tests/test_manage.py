@@ -67,7 +67,7 @@ def test_inspect_training_checkpoint_and_export(tmp_path, tok, capsys):
     for path in (tmp_path / "run.ckpt", tmp_path / "exported"):
         code, out, err = run(capsys, "inspect", path)
         assert code == 0, err
-        for line in (f"total: {total:,}", f"without embeddings: {total - embeddings:,}", "step: 3",
+        for line in (f"total: {total:,}", f"without embeddings: {total - embeddings:,}", "optimizer steps: 3",
                      "tokens seen: 100", "validation loss: 2.5000", "vocab size: 300", "position: learned",
                      "n_layers: 2", "eos '<|endoftext|>' = 0", "bos '<|bos|>' = 1", "pad '<|pad|>' = 2"):
             assert line in out, (line, out)

@@ -27,6 +27,7 @@ from test_distributed import free_port
 
 from xlab.checkpoint import load_checkpoint
 from xlab.cli import main
+from xlab.manage import describe
 from xlab.windows import ShuffledSampler
 
 VAL_EVERY = 4  # batches
@@ -121,10 +122,14 @@ def expected_consumed(work: Path, steps: int, accumulate: int = 1) -> dict:
 
 
 def assert_consumed(checkpoint: Path, expected: dict) -> None:
-    """The checkpoint's counters, as `./manage.py inspect` reads them, are `expected`'s."""
+    """The checkpoint's counters are `expected`'s, and `./manage.py inspect` prints them."""
     meta = load_checkpoint(checkpoint).meta
     assert (meta["step"], meta["tokens_seen"]) == (expected["steps"], expected["tokens"])
     assert meta["consumed"] == expected
+    shown = describe(checkpoint)
+    assert (f"optimizer steps: {expected['steps']}\n" in shown and f"tokens seen: {expected['tokens']:,}\n" in shown
+            and f"windows drawn: {expected['windows']:,} (epoch {expected['epoch']}: {expected['epoch_windows']:,})"
+            in shown), shown
 
 
 def sigterm_at(batches: int, validation: bool = False) -> str:
