@@ -62,3 +62,12 @@ def test_jsonargparse_floor_meets_what_lightnings_cli_declares():
     extra = [Requirement(r) for r in importlib.metadata.requires("lightning") if r.startswith("jsonargparse")]
     needed = max(lower_bound(r) for r in extra if r.marker and r.marker.evaluate({"extra": "pytorch-extra"}))
     assert floors()["jsonargparse"] >= needed, f"lightning's CLI needs jsonargparse>={needed}"
+
+
+def test_lightning_is_bounded_to_the_releases_its_private_loop_state_was_tested_with():
+    """xlab/loops.py reads and rewrites Lightning's private loop state, which changes between releases: pyproject.toml
+    caps lightning, and the installed release (the one the suite tests) is within the cap."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [lightning] = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "lightning"]
+    assert any(s.operator == "<" for s in lightning.specifier)
+    assert importlib.metadata.version("lightning") in lightning.specifier
