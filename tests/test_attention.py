@@ -169,7 +169,7 @@ def test_infer_writes_the_maps_and_generates_unless_told_not_to(export, tok, tmp
     _, plain, _ = run_main(capsys, path, PROMPT, "--greedy", "--max-new-tokens", 4)
     assert code == 0 and out == plain and out.startswith(PROMPT)
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    tokens = len(tok.encode_prompt(PROMPT))
+    tokens = 1 + len(tok.encode(PROMPT))  # after the end-of-document token, as a document starts in training
     assert err == f"attention maps: {image} (2 layers × 4 heads, {tokens} tokens)\n"
     image.unlink()
     code, out, err = run_main(capsys, path, PROMPT, "--max-new-tokens", 0, "--attention", image)
@@ -183,7 +183,6 @@ def test_infer_writes_the_maps_and_generates_unless_told_not_to(export, tok, tmp
     (["hi", "--attention", "{tmp}/folder.png", "--max-new-tokens", "0"], "error: --attention: cannot write "
                                                                         "{tmp}/folder.png: Is a directory"),
     (["--attention", "{tmp}/maps.png"], "error: --attention draws the prompt given on the command line"),
-    (["", "--attention", "{tmp}/maps.png", "--max-new-tokens", "0"], "error: --attention: the prompt has no tokens"),
     (["hi", "--attention", "{tmp}/maps.png", "--backend", "onnx"], "error: --attention needs the torch backend"),
     (["hi", "--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1, got 0"),  # without --attention
     (["hi", "--attention", "{tmp}/maps.png", "--max-new-tokens", "0", "--beam-width", "3", "--seed", "1"],
@@ -226,7 +225,7 @@ def test_callback_logs_a_figure_per_sample_prompt_on_rank_zero(tok):
     callback.on_validation_epoch_end(trainer, module)
     assert [(tag, step) for tag, _, step in experiment.figures] == [("attention/0", 7), ("attention/1", 7)]
     figure = experiment.figures[1][1]
-    ids = tok.encode(PROMPT)
+    ids = [tok.eos_id, *tok.encode(PROMPT)]  # the prompt starts a document, as in training
     assert figure._suptitle.get_text() == f"{PROMPT!r}: 2 layers × 4 heads, {len(ids)} tokens"
     expected = attention_maps(model, torch.tensor([ids]))[1, 0, 3]
     assert (figure.axes[7].images[0].get_array() == expected.numpy()).all()  # layer 1, head 3
@@ -234,5 +233,6 @@ def test_callback_logs_a_figure_per_sample_prompt_on_rank_zero(tok):
         experiment.figures.clear()
         callback.on_validation_epoch_end(SimpleNamespace(**{**vars(trainer), **other}), module)
         assert experiment.figures == []
-    with pytest.raises(ValueError, match="empty prompt"):
-        AttentionMaps(prompts=["a", ""]).setup(trainer, module, "fit")
+    experiment.figures.clear()
+    AttentionMaps(prompts=[""]).on_validation_epoch_end(trainer, module)  # an empty prompt: the start token alone
+    assert experiment.figures[0][1]._suptitle.get_text() == "'': 2 layers × 4 heads, 1 token"

@@ -4,8 +4,11 @@ window by hand; `manage.py extrapolate`'s table, plot, TensorBoard curve and one
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -180,3 +183,14 @@ def test_help_names_every_option(capsys):
     assert code == 0
     for flag in ("--split", "--factor", "--windows", "--batch-size", "--data", "--plot", "--device", "--force"):
         assert flag in out
+
+
+def test_instruments_import_neither_lightning_nor_the_data_module_nor_manage():
+    """The instruments are libraries: extrapolation reads token files through `xlab.windows` and the harness takes
+    its dtypes from `xlab.checkpoint`, so neither loads Lightning, `datasets`, `xlab.data` or `manage.py`'s
+    commands. A fresh interpreter, since this one has imported them all."""
+    modules = ["xlab.extrapolation"] + (["xlab.harness"] if importlib.util.find_spec("lm_eval") else [])
+    unwanted = ["lightning", "datasets", "xlab.data", "xlab.manage"]
+    code = f"import sys, {', '.join(modules)}; print(sorted(m for m in {unwanted} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout == "[]\n", result.stdout

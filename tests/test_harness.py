@@ -71,26 +71,32 @@ def setup(tmp_path_factory):
     return tmp, model, tok
 
 
-def evaluate(model: str, model_args: dict, folder: Path) -> dict:
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[MC_TASK, PPL_TASK, GEN_TASK],
-                                   batch_size=3, device="cpu", log_samples=True,
+def evaluate(model: str, model_args: dict, folder: Path, tasks: list[str]) -> dict:
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=3, device="cpu",
+                                   log_samples=True,
                                    task_manager=TaskManager(include_path=str(folder), include_defaults=False))
 
 
-def hf_args(folder: Path) -> dict:
-    return {"pretrained": str(folder / "hf"), "dtype": "float32"}  # its own BOS: the export's <|endoftext|>
+def hf_args(folder: Path, add_bos_token: bool = True) -> dict:
+    """lm-eval's `hf` model on the export. Its BOS is the export's start token, <|endoftext|>: add_bos_token puts it
+    before every context, as XLab prompts start after it. Perplexity texts take the tokenizer's default (no BOS
+    added): each is conditioned on the prefix token, the same <|endoftext|>, once, as XLab's; add_bos_token
+    would add a second one and score it."""
+    return {"pretrained": str(folder / "hf"), "dtype": "float32"} | ({"add_bos_token": True} if add_bos_token else {})
 
 
 def test_results_equal_lm_evals_hf_model_on_the_export(setup, monkeypatch):
     tmp, _, tok = setup
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ours = evaluate("xlab", {"checkpoint": str(tmp / "run.ckpt")}, tmp)
-    ref = evaluate("hf", hf_args(tmp), tmp)
+    ours = evaluate("xlab", {"checkpoint": str(tmp / "run.ckpt")}, tmp, [MC_TASK, PPL_TASK, GEN_TASK])
+    ref = evaluate("hf", hf_args(tmp), tmp, [MC_TASK, GEN_TASK])
+    ppl = evaluate("hf", hf_args(tmp, add_bos_token=False), tmp, [PPL_TASK])
     for task in (MC_TASK, PPL_TASK, GEN_TASK):
-        for metric, value in ref["results"][task].items():
+        results, samples = ((ppl if task == PPL_TASK else ref)[key] for key in ("results", "samples"))
+        for metric, value in results[task].items():
             if isinstance(value, float):  # not the task's alias, nor "N/A" for a stderr
                 assert ours["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
-        for a, b in zip(ours["samples"][task], ref["samples"][task], strict=True):
+        for a, b in zip(ours["samples"][task], samples[task], strict=True):
             assert a["doc_id"] == b["doc_id"]
             # one response per request: (log-likelihood, is greedy) per choice, a log-likelihood, or a text
             for [x], [y] in zip(a["resps"], b["resps"], strict=True):
@@ -104,26 +110,35 @@ def test_results_equal_lm_evals_hf_model_on_the_export(setup, monkeypatch):
     assert len({s["resps"][0][0][0] for s in ours["samples"][MC_TASK]}) == len(ours["samples"][MC_TASK])
 
 
+def forward_logprobs(model, ids: list[int], n: int) -> tuple[float, bool]:
+    """(sum of the log-probs of the last n of ids, whether each is the argmax) from one unbatched forward."""
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)[-n:]
+    target = torch.tensor(ids[-n:])
+    return float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+
 def test_loglikelihoods_equal_a_plain_forward_and_hf(setup):
-    """Per request, batched with padding, including an empty context (the prefix token) and inputs longer than
-    the context (the oldest tokens dropped), against one unbatched forward each and against hf."""
+    """Per request, batched with padding, including an empty context (the start token alone) and inputs longer
+    than the context (the oldest tokens dropped), against one unbatched forward each and against hf. Every context
+    starts after <|endoftext|>, as documents do in training; a perplexity text too, which scores its own tokens."""
     tmp, model, tok = setup
     rng = torch.Generator().manual_seed(1)
     pairs = [("", "the cat"), ("the cat", " sat"), (_text(rng, 40), " on a mat"), ("a", " " + _text(rng, 5))]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    ours = get_model("xlab")(checkpoint=str(tmp / "export"), batch_size=3).loglikelihood(requests, disable_tqdm=True)
+    xlab_lm = get_model("xlab")(checkpoint=str(tmp / "export"), batch_size=3)
+    ours = xlab_lm.loglikelihood(requests, disable_tqdm=True)
     ref = get_model("hf")(**hf_args(tmp), batch_size=3, device="cpu").loglikelihood(requests, disable_tqdm=True)
     for (context, continuation), (logprob, greedy), (ref_logprob, ref_greedy) in zip(pairs, ours, ref, strict=True):
-        ids = tok.encode(context + continuation)
-        n = len(ids) - len(tok.encode(context)) if context else len(ids)
-        ids = ([] if context else [tok.eos_id]) + ids  # an empty context is the prefix token
-        ids = ids[-33:]  # the last context + 1 tokens
-        with torch.no_grad():
-            logprobs = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)[-n:]
-        target = torch.tensor(ids[-n:])
-        assert logprob == pytest.approx(float(logprobs.gather(1, target[:, None]).sum()), rel=1e-5)
-        assert greedy == bool((logprobs.argmax(-1) == target).all())
+        ids = [tok.eos_id, *tok.encode(context + continuation)]
+        n = len(ids) - 1 - len(tok.encode(context))
+        expected = forward_logprobs(model, ids[-33:], n)  # the last context + 1 tokens
+        assert (logprob, greedy) == (pytest.approx(expected[0], rel=1e-5), expected[1])
         assert (logprob, greedy) == (pytest.approx(ref_logprob, rel=1e-5), ref_greedy)
+    text = _text(rng, 6)
+    [rolling] = xlab_lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    ids = [tok.eos_id, *tok.encode(text)]
+    assert rolling == pytest.approx(forward_logprobs(model, ids, len(ids) - 1)[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -3,9 +3,11 @@ against a full-forward greedy loop, its errors (one line, exit status 2) and its
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,8 +37,10 @@ def export(tmp_path_factory) -> tuple[Path, Transformer, Tokenizer]:
 
 
 def greedy_text(model: Transformer, tokenizer: Tokenizer, prompt: str, n: int) -> str:
-    """The reference: a full forward pass per token, no cache, stopping at end of document."""
-    return tokenizer.decode(greedy_reference(model, tokenizer.encode(prompt), n, tokenizer.eos_id, keep_eos=False))
+    """The reference: a full forward pass per token, no cache, stopping at end of document, from the prompt as a
+    document starts in training: after the end-of-document token."""
+    ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    return tokenizer.decode(greedy_reference(model, ids, n, tokenizer.eos_id, keep_eos=False))
 
 
 def infer(*args, **kwargs):
@@ -74,7 +78,8 @@ def test_sampling_defaults_and_seed_and_beams_give_n_best(export, capsys):
     # the documented defaults (temperature 0.8, top-k 50) and the seed, as the library applies them
     config = GenerationConfig(strategy="sample", max_new_tokens=15, temperature=0.8, top_k=50, top_p=0.9,
                               eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
-    [[sampled]] = generate(model, [tokenizer.encode("the")], config, torch.Generator().manual_seed(3))
+    prompt = [tokenizer.eos_id, *tokenizer.encode("the")]  # as a document starts in training
+    [[sampled]] = generate(model, [prompt], config, torch.Generator().manual_seed(3))
     assert out == "the" + tokenizer.decode(sampled.tokens) + "\n"
     status, out, err = in_process(capsys, path, "the", "--beam-width", 3, "--num-samples", 2, "--max-new-tokens", 8)
     assert status == 0, err
@@ -180,7 +185,7 @@ def test_max_new_tokens_beyond_the_positions_stops_at_the_context(export, capsys
     """Learned positions end at the context (64): a huge --max-new-tokens gives what fits, with the
     warning, instead of allocating for two billion tokens."""
     path, model, tokenizer = export
-    prompt = tokenizer.encode("hello world")
+    prompt = [tokenizer.eos_id, *tokenizer.encode("hello world")]
     fits = model.config.context - len(prompt) + 1  # the last token is predicted at position context - 1
     code, out, err = run_main(capsys, path, "hello world", "--greedy", "--max-new-tokens", 2_000_000_000)
     assert code == 0, err
@@ -230,3 +235,78 @@ def test_an_empty_prompt_starts_after_an_end_of_document_token(export, capsys):
     assert status == 0, err
     expected = greedy_reference(model, [tokenizer.eos_id], 12, tokenizer.eos_id, keep_eos=False)
     assert out == tokenizer.decode(expected) + "\n"
+
+
+def llama_style(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with a post-processor that puts its BOS before every encoding, as an imported Llama's does."""
+    from tokenizers import processors
+
+    llama = Tokenizer.from_str(tokenizer.to_str())
+    llama.hf.post_processor = processors.TemplateProcessing(single="<|bos|> $A",
+                                                            special_tokens=[("<|bos|>", llama.bos_id)])
+    return llama
+
+
+def document_start(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The reference: the ids before and at the start of `text` when it begins a document. XLab's data joins
+    encoded documents (`xlab.data.encode_documents`) into one stream, so a document follows the previous one's
+    end-of-document token; a tokenizer that puts its own BOS before a text (Llama's <s>) starts it with that
+    instead, once, as transformers' tokenizer encodes a prompt."""
+    from xlab.data import encode_documents
+
+    if tokenizer.hf.post_processor is not None:
+        return tokenizer.hf.encode(text, add_special_tokens=True).ids
+    stream = sum(encode_documents({"text": ["an earlier document", text]}, tokenizer)["ids"], [])
+    return stream[stream.index(tokenizer.eos_id):-1]
+
+
+def first_input(model: torch.nn.Module, run: Callable[[], object]) -> list[int]:
+    """The token ids of the first forward pass of `model` (batch row 0) while `run()` uses it."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].tolist()))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("style", ["xlab", "llama"])
+def test_a_prompt_reaches_the_model_as_the_same_ids_on_every_path(export, tmp_path, style):
+    """predict, infer.py, the training samples, the attention maps and the lm-eval model all give the model a
+    prompt as it starts a document in training: after the end-of-document token, or after the tokenizer's own BOS
+    (once, not twice)."""
+    from xlab.callbacks import AttentionMaps
+    from xlab.infer import reply, write_attention
+    from xlab.module import LanguageModel
+
+    _, model, tokenizer = export
+    tokenizer = llama_style(tokenizer) if style == "llama" else tokenizer
+    path = export_checkpoint(Loaded(model, tokenizer, {}), tmp_path / "export")
+    prompt = "the quick brown"
+    module = LanguageModel(model.config, sample_prompts=[prompt], sample_tokens=2,
+                           generation=GenerationConfig(strategy="greedy", max_new_tokens=2))
+    module.model = model
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tokenizer), loggers=[], global_step=0,
+                                     sanity_checking=False, is_global_zero=True)
+    greedy = GenerationConfig(strategy="greedy", max_new_tokens=2, eos_id=tokenizer.eos_id)
+    runs = {
+        "predict": lambda: module.predict_step({"text": [prompt], "ids": [torch.tensor(tokenizer.encode(prompt))]}, 0),
+        "infer": lambda: reply(model, tokenizer, prompt, greedy, torch.Generator(), io.StringIO()),
+        "infer --attention": lambda: write_attention(str(tmp_path / "maps.png"), Loaded(model, tokenizer, {}), prompt),
+        "log_samples": lambda: module.log_samples(model),
+        "AttentionMaps": lambda: AttentionMaps([prompt]).on_validation_epoch_end(module.trainer, module),
+    }
+    ids = {name: first_input(model, run) for name, run in runs.items()}
+    if importlib.util.find_spec("lm_eval") is not None:
+        from lm_eval.api.instance import Instance
+        from lm_eval.api.registry import get_model
+
+        import xlab.harness  # noqa: F401  (registers "xlab")
+
+        lm = get_model("xlab")(checkpoint=str(path), device="cpu")
+        request = Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 2}), 0)
+        ids["harness"] = first_input(lm.model, lambda: lm.generate_until([request], disable_tqdm=True))
+    expected = document_start(tokenizer, prompt)
+    assert expected[0] == tokenizer.start_id and expected.count(tokenizer.start_id) == 1
+    assert ids == dict.fromkeys(ids, expected)

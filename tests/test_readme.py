@@ -46,11 +46,12 @@ def test_use_in_your_code_snippet_runs_on_full_and_exported_checkpoints(tmp_path
     model, tok = loaded.model, loaded.tokenizer
     lines = outputs[0].splitlines()
     assert len(lines) == 6 and [line.split()[0] for line in lines] == ["greedy"] * 2 + ["sample"] * 2 + ["beam"] * 2
-    for prompt, line in zip(["def ", "import "], lines[:2], strict=True):
-        new = greedy_reference(model, tok.encode(prompt), 40, tok.eos_id, keep_eos=False)
+    starts = [[tok.eos_id, *tok.encode(p)] for p in ("def ", "import ")]  # prompts start documents, as in training
+    for prompt, line in zip(starts, lines[:2], strict=True):
+        new = greedy_reference(model, prompt, 40, tok.eos_id, keep_eos=False)
         assert line == f"greedy {tok.decode(new)!r}"
     # and the sampled lines follow the seed
     config = GenerationConfig(strategy="sample", temperature=0.8, top_p=0.95, max_new_tokens=40, eos_id=tok.eos_id,
                               bos_id=tok.bos_id, pad_id=tok.pad_id)
-    sampled = generate(model, [tok.encode("def "), tok.encode("import ")], config, torch.Generator().manual_seed(0))
+    sampled = generate(model, starts, config, torch.Generator().manual_seed(0))
     assert lines[2:4] == [f"sample {tok.decode(best.tokens)!r}" for [best] in sampled]

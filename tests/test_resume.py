@@ -302,3 +302,20 @@ def test_a_resumed_sampler_starts_in_its_epoch_before_lightning_sets_it():
     sampler.resume(epoch=3, seen=8)
     reference.set_epoch(3)
     assert list(sampler) == list(reference)[8:]
+
+
+
+def test_a_checkpoint_from_before_the_counters_resumes_exactly(work, straight):
+    """Checkpoints written before `xlab.resume` kept the epoch position in the DataModule's state and only tokens_seen
+    of the counters: resuming one goes on where it stopped, and the windows are worked out from the tokens."""
+    run, stop = "before-counters", 5
+    fit(work, run, stop, **{"trainer.limit_val_batches": 0})
+    checkpoint = torch.load(last(work, run), weights_only=True)
+    resume = checkpoint["xlab"].pop("resume")
+    checkpoint["xlab"].pop("consumed")
+    checkpoint["XLabDataModule"] = {"epoch": resume["epoch"], "batches": resume["loop_batches"],
+                                    "seen": resume["windows"], **resume["data"]}
+    torch.save(checkpoint, last(work, run))
+    fit(work, run, total_steps(work), f"--ckpt_path={last(work, run)}", **{"trainer.limit_val_batches": 0})
+    assert_same_curve(straight, work / run)
+    assert_consumed(last(work, run), expected_consumed(work, total_steps(work)))

@@ -180,11 +180,19 @@ def test_token_bytes_of_a_sentencepiece_style_vocabulary():
 
 
 def test_documents_start_after_the_end_of_document_token_or_the_prompt_bos(trained):
-    """start_id: what an empty prompt is conditioned on. XLab's data puts <|endoftext|> before each document (its
-    <|bos|> is never written); a tokenizer whose template prepends a BOS (Llama's <s>) starts from that."""
+    """start_id: what a prompt is conditioned on. XLab's data puts <|endoftext|> before each document (its
+    <|bos|> is never written); a tokenizer whose template prepends a BOS (Llama's <s>) starts from that, once, as
+    the template itself encodes a text. A prompt given as ids (a document's first tokens) gets the same."""
     from tokenizers import processors
 
+    text = "def f(x):\n    return x"
     assert trained.start_id == trained.eos_id != trained.bos_id
+    assert trained.encode_prompt(text) == [trained.eos_id, *trained.hf.encode(text, add_special_tokens=False).ids]
+    assert trained.encode_prompt("") == [trained.eos_id]
     llama = Tokenizer.from_str(trained.to_str())
     llama.hf.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, llama.bos_id)])
-    assert llama.start_id == llama.bos_id == llama.encode_prompt("x")[0]
+    assert llama.start_id == llama.bos_id
+    assert llama.encode_prompt(text) == llama.hf.encode(text, add_special_tokens=True).ids
+    assert llama.encode_prompt(text).count(llama.bos_id) == 1
+    for tok in (trained, llama):
+        assert tok.encode_prompt(tok.encode(text)) == tok.encode_prompt(text)

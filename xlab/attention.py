@@ -82,6 +82,7 @@ def prompt_figure(model: Transformer, tokenizer: Tokenizer, ids: list[int], max_
     shown = ids[: min(max_tokens, model.config.context)]
     idx = torch.tensor([shown], device=model.wte.weight.device)
     maps = attention_maps(model, idx)[:, 0]  # (L, H, T, T)
-    count = f"{len(shown)} tokens" if len(shown) == len(ids) else f"first {len(shown)} of {len(ids)} tokens"
+    count = f"first {len(shown)} of {len(ids)} tokens" if len(shown) < len(ids) else \
+        f"{len(ids)} token" if len(ids) == 1 else f"{len(ids)} tokens"
     heading = f"{model.config.n_layers} layers × {model.config.n_heads} heads, {count}"
     return attention_figure(maps, token_labels(tokenizer, shown), f"{title}: {heading}" if title else heading)

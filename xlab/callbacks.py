@@ -211,8 +211,9 @@ class AttentionMaps(L.Callback):
     """At the end of each validation of `fit` and `validate` (not the sanity check), log the attention maps of
     each prompt to TensorBoard's IMAGES tab as `attention/<i>`: every layer and head over the prompt's first
     `max_tokens` tokens (`xlab.attention.prompt_figure`). prompts: default the model's `sample_prompts`, encoded
-    as `log_samples` encodes them. Rank 0 draws them; a sharded model (FSDP) is first gathered into a full copy,
-    which every rank takes part in. Needs matplotlib (the `plot` extra), checked when the run starts.
+    as every prompt is (`Tokenizer.encode_prompt`: the start token first). Rank 0 draws them; a sharded model
+    (FSDP) is first gathered into a full copy, which every rank takes part in. Needs matplotlib (the `plot` extra),
+    checked when the run starts.
 
         trainer:
           callbacks:
@@ -227,8 +228,6 @@ class AttentionMaps(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         figure_class()  # matplotlib missing: fail now rather than at the first validation
-        if "" in self._prompts(pl_module):
-            raise ValueError("AttentionMaps: an empty prompt has no tokens to draw")
 
     def _prompts(self, pl_module: L.LightningModule) -> list[str]:
         return self.prompts if self.prompts is not None else list(pl_module.hparams.get("sample_prompts") or [])
@@ -246,6 +245,7 @@ class AttentionMaps(L.Callback):
         tokenizer = trainer.datamodule.tokenizer
         with eager(model):  # hooks and a new shape: a compiled graph would recompile
             for i, prompt in enumerate(prompts):
-                figure = prompt_figure(model, tokenizer, tokenizer.encode(prompt), self.max_tokens, repr(prompt))
+                figure = prompt_figure(model, tokenizer, tokenizer.encode_prompt(prompt), self.max_tokens,
+                                       repr(prompt))
                 for writer in writers:
                     writer.add_figure(f"attention/{i}", figure, trainer.global_step, close=False)

@@ -33,6 +33,8 @@ from xlab.transformer import Transformer, TransformerConfig
 
 EXPORT_WEIGHTS, EXPORT_META, EXPORT_TOKENIZER = "model.safetensors", "xlab.json", "tokenizer.json"
 EXPORT_FORMAT = "xlab-export-1"
+# the dtypes a loaded or exported model's weights may be cast to (`load_checkpoint`, `export_checkpoint`), by name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):

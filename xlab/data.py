@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files, source_state
 from xlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 from xlab.windows import (
+    CACHE_VERSION,
     PackedWindows,
     PaddedWindows,
     Prompts,
@@ -49,6 +50,8 @@ from xlab.windows import (
     ShuffledSampler,
     SplitTokens,
     collate_prompts,
+    read_manifest,
+    token_dtype,
 )
 
 __all__ = ["BUILTIN_STDLIB", "Source", "XLabDataModule", "python_stdlib_files", "split_documents"]
@@ -60,7 +63,6 @@ if not logging.getLogger().handlers and not logging.getLogger("xlab").handlers:
     logging.getLogger("xlab").setLevel(logging.INFO)
     logging.getLogger("xlab").propagate = False
 
-CACHE_VERSION = 1
 SPLITS = ("train", "val", "test", "predict")
 
 
@@ -107,10 +109,6 @@ def split_documents(n: int, sizes: dict[str, int | float], seed: int) -> dict[st
 
 
 # -------------------------------------------------------------------------------------------- encoding
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
 
 def encode_documents(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
     """`Dataset.map` function: each non-blank document's ids with the end-of-document id appended, and its
@@ -198,26 +196,6 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp{unique()}")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
-
-
-def read_manifest(folder: Path, name: str, tokenizer_sha: str) -> tuple[dict | None, str]:
-    """A split's manifest if its files are complete and were encoded by this tokenizer, else (None, why)."""
-    path = folder / f"{name}.json"
-    if not path.is_file():
-        return None, "not prepared"
-    try:
-        manifest = json.loads(path.read_text())
-        if manifest["version"] != CACHE_VERSION:
-            return None, f"in an old cache format (version {manifest['version']})"
-        if manifest["tokenizer_sha256"] != tokenizer_sha:
-            return None, "encoded with another tokenizer"
-        for suffix, size in ((".bin", manifest["bin_bytes"]), (".idx", manifest["idx_bytes"])):
-            file = folder / f"{name}{suffix}"
-            if not file.is_file() or file.stat().st_size != size:
-                return None, f"incomplete ({file.name} is missing or has the wrong size)"
-    except (ValueError, KeyError, TypeError):
-        return None, "unreadable (corrupt manifest)"
-    return manifest, "ok"
 
 
 # ------------------------------------------------------------------------------------------ statistics

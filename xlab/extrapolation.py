@@ -33,10 +33,9 @@ from xlab.checkpoint import (
     read_checkpoint_file,
     run_folder,
 )
-from xlab.data import read_manifest, token_dtype
 from xlab.tokenizer import Tokenizer
 from xlab.transformer import Transformer
-from xlab.windows import SplitTokens
+from xlab.windows import SplitTokens, read_manifest, token_dtype
 
 
 @dataclass

@@ -7,11 +7,15 @@ lm-eval 0.4 finds models only in its built-in table or among classes registered 
 entry points), so the plain `lm_eval` command cannot see an out-of-tree model. In Python,
 `import xlab.harness` and then `lm_eval.simple_evaluate(model="xlab", model_args={"checkpoint": ...}, ...)`.
 
-Requests are scored as lm-eval's `hf` model scores them, so results equal `--model hf` on the `export-hf`
-folder of the same checkpoint: contexts and continuations are split by lm-eval's own `TemplateLM`, windows
-of `loglikelihood_rolling` come from lm-eval's `get_rolling_token_windows`, inputs longer than `max_length` keep
-their last tokens, and an empty context conditions on `prefix_token_id`. Generation runs on XLab's KV cache
-(`xlab.generate`), and lm-eval's stop sequences cut the decoded text.
+Requests are scored as lm-eval's `hf` model scores them: contexts and continuations are split by lm-eval's own
+`TemplateLM`, windows of `loglikelihood_rolling` come from lm-eval's `get_rolling_token_windows`, inputs longer
+than `max_length` keep their last tokens. A context is encoded as every XLab prompt (`Tokenizer.encode_prompt`:
+after the start token, `<|endoftext|>` for XLab's tokenizers, as documents start in training), an empty one is the
+start token alone (`prefix_token_id`), and a perplexity text is conditioned on the start token once, which is not
+scored. So results equal `--model hf` on the `export-hf` folder of the same checkpoint with `add_bos_token=True`
+(its BOS is the start token) on log-likelihood and generation tasks, and with the tokenizer's default on perplexity
+tasks (`add_bos_token=True` would score the BOS after the prefix token, which is the same token). Generation runs
+on XLab's KV cache (`xlab.generate`), and lm-eval's stop sequences cut the decoded text.
 
 lm-eval is an optional dependency (`pip install -e ".[eval]"`); XLab without it never imports this module.
 """
@@ -23,9 +27,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from xlab.checkpoint import CheckpointError, load_checkpoint
+from xlab.checkpoint import DTYPES, CheckpointError, load_checkpoint
 from xlab.generate import GenerationConfig, generate
-from xlab.manage import DTYPES
 
 NOT_INSTALLED = 'lm-eval is not installed: pip install -e ".[eval]"'
 
@@ -97,7 +100,7 @@ class XLabLM(TemplateLM):
         return 256  # lm-eval's default, as its hf model's
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        # None means the tokenizer's default, which adds the special tokens of its post-processor (transformers')
+        # a context is a prompt (`Tokenizer.encode_prompt`: after the start token); False: the bare text
         return self.tok.encode(string) if add_special_tokens is False else self.tok.encode_prompt(string)
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
@@ -137,11 +140,13 @@ class XLabLM(TemplateLM):
     # ------------------------------------------------------------------ the other two request types
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of whole texts, in windows of max_length tokens that each predict new tokens only."""
+        """Log-likelihood of whole texts, in windows of max_length tokens that each predict new tokens only. A text
+        is conditioned on the start token (the prefix token) once and that token is not scored: the first window
+        predicts the text's first token from it."""
         windows, counts = [], []
         for (text,) in tqdm([req.args for req in requests], disable=disable_tqdm):
             doc = [(None, *make_disjoint_window(w)) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
             windows += doc
             counts.append(len(doc))

@@ -310,10 +310,7 @@ def write_attention(path: str, loaded, prompt: str) -> None:
     """Draw the attention maps of `prompt`, encoded as it is for generation, to the image `path`."""
     from xlab.attention import prompt_figure
 
-    try:
-        figure = prompt_figure(loaded.model, loaded.tokenizer, loaded.tokenizer.encode_prompt(prompt))
-    except ValueError as err:  # an empty prompt
-        raise UsageError(f"--attention: {err}") from None
+    figure = prompt_figure(loaded.model, loaded.tokenizer, loaded.tokenizer.encode_prompt(prompt))
     try:
         figure.savefig(path, dpi=120)
     except OSError as err:

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-from xlab.checkpoint import EXPORT_META, CheckpointError, check_output, export_checkpoint, load_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from xlab.checkpoint import DTYPES, EXPORT_META, CheckpointError, check_output, export_checkpoint, load_checkpoint
 
 
 def _dtype(args: argparse.Namespace) -> torch.dtype | None:
@@ -147,11 +145,8 @@ def describe(path: str | Path) -> str:
               f"  total: {model.num_params():,}",
               f"  without embeddings: {model.num_params(embeddings=False):,}"]
     val_loss = meta.get("val_loss")
-    consumed = meta.get("consumed") or {}
     lines += ["training:",
-              f"  optimizer steps: {meta.get('step', 'unknown')}",
-              f"  windows drawn: {consumed['windows']:,} (epoch {consumed['epoch']}: {consumed['epoch_windows']:,})"
-              if consumed else "  windows drawn: unknown",
+              f"  step: {meta.get('step', 'unknown')}",
               f"  tokens seen: {meta['tokens_seen']:,}" if isinstance(meta.get("tokens_seen"), int)
               else "  tokens seen: unknown",
               f"  validation loss: {val_loss:.4f}" if isinstance(val_loss, float) else "  validation loss: unknown"]

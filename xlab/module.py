@@ -286,7 +286,7 @@ class LanguageModel(L.LightningModule):
     def log_samples(self, model: Transformer) -> None:
         """Continue the fixed `sample_prompts` with `model` (seeded sampling) and log them as TensorBoard text."""
         tokenizer = self.trainer.datamodule.tokenizer
-        prompts = [tokenizer.encode(p) for p in self.hparams.sample_prompts]
+        prompts = [tokenizer.encode_prompt(p) for p in self.hparams.sample_prompts]
         room = model.config.context - max(map(len, prompts))
         config = GenerationConfig(strategy="sample", max_new_tokens=max(1, min(self.hparams.sample_tokens, room)),
                                   temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, bos_id=tokenizer.start_id,
@@ -302,13 +302,12 @@ class LanguageModel(L.LightningModule):
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict]:
         """Continue each prompt of a `{"text": [str], "ids": [LongTensor]}` batch: one dict per prompt with its
-        completions (a list: `generation.num_return_sequences` of them). Prompts start after `Tokenizer.start_id`
-        (the end-of-document token, as every document but the first does in XLab's training data; an imported
-        Llama's `<s>`). Sampling is seeded by the batch index."""
+        completions (a list: `generation.num_return_sequences` of them). Each prompt's ids start a document, as
+        `Tokenizer.encode_prompt` gives them on every path. Sampling is seeded by the batch index."""
         tokenizer = self.trainer.datamodule.tokenizer
         config = replace(self.generation, eos_id=tokenizer.eos_id, bos_id=tokenizer.start_id,
                          pad_id=tokenizer.pad_id)
-        prompts = [[tokenizer.start_id, *ids.tolist()] for ids in batch["ids"]]
+        prompts = [tokenizer.encode_prompt(ids.tolist()) for ids in batch["ids"]]
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         with eager(self.model):
             completions = generate(self.model, prompts, config, generator)

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -52,17 +52,19 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a prompt to generate from, with the special tokens the tokenizer's post-processor adds,
-        as transformers' tokenizers add them: Llama's `<s>` (BOS) first. XLab's own tokenizers add none."""
-        return self.hf.encode(text, add_special_tokens=True).ids
+    def encode_prompt(self, text: str | Sequence[int]) -> list[int]:
+        """The token ids a model reads for a prompt, on every path (predict, infer.py, the training samples, the
+        attention maps, lm-eval's contexts): `start_id`, then the text's ids. The prompt so starts a document as
+        in training, and an imported Llama gets its one `<s>`, as transformers' tokenizer prompts it.
+        `text` may come already encoded (ids of `encode`), such as the first tokens of a document."""
+        return [self.start_id, *(self.encode(text) if isinstance(text, str) else text)]
 
     @property
     def start_id(self) -> int:
-        """The token a document starts after, which an empty prompt or context is conditioned on: the one the
-        tokenizer puts before a prompt (Llama's `<s>`), else the end-of-document token, which XLab's data
-        pipeline writes before every document but the first. XLab's `<|bos|>` never appears in its training data."""
-        return (self.encode_prompt("") or [self.eos_id])[0]
+        """The token a document starts after: the one the tokenizer's post-processor puts before a text (Llama's
+        `<s>`), else the end-of-document token, which XLab's data pipeline writes before every document but the
+        first. XLab's `<|bos|>` never appears in its training data."""
+        return (self.hf.encode("", add_special_tokens=True).ids or [self.eos_id])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel on Rust threads (the fast path: no character offsets)."""

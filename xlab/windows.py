@@ -1,13 +1,15 @@
 """Training examples cut from a split's memory-mapped tokens, and the order in which training draws them.
 
 A split on disk is `{split}.bin` (every document's tokens followed by the end-of-document token, back to
-back) and `{split}.idx` (uint64 document offsets into it: n_documents + 1 values starting at 0).
+back) and `{split}.idx` (uint64 document offsets into it: n_documents + 1 values starting at 0), described by
+`{split}.json` (`read_manifest`), written last.
 Examples are (x, y) pairs of int64 tensors of length `context`, y being x shifted by one token;
 y is -100 where nothing is to be predicted (padding), which cross-entropy ignores.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IGNORE_INDEX = -100  # targets the loss skips: F.cross_entropy(..., ignore_index=-100)
+CACHE_VERSION = 1  # the layout of a split's files and manifest: a cache of another version is rebuilt
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The dtype of a split's token file: uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def read_manifest(folder: Path, name: str, tokenizer_sha: str) -> tuple[dict | None, str]:
+    """A split's manifest if its files are complete and were encoded by this tokenizer, else (None, why)."""
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        return None, "not prepared"
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest["version"] != CACHE_VERSION:
+            return None, f"in an old cache format (version {manifest['version']})"
+        if manifest["tokenizer_sha256"] != tokenizer_sha:
+            return None, "encoded with another tokenizer"
+        for suffix, size in ((".bin", manifest["bin_bytes"]), (".idx", manifest["idx_bytes"])):
+            file = folder / f"{name}{suffix}"
+            if not file.is_file() or file.stat().st_size != size:
+                return None, f"incomplete ({file.name} is missing or has the wrong size)"
+    except (ValueError, KeyError, TypeError):
+        return None, "unreadable (corrupt manifest)"
+    return manifest, "ok"
+
+
 
 
 class SplitTokens:
