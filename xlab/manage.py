@@ -145,8 +145,11 @@ def describe(path: str | Path) -> str:
               f"  total: {model.num_params():,}",
               f"  without embeddings: {model.num_params(embeddings=False):,}"]
     val_loss = meta.get("val_loss")
+    consumed = meta.get("consumed") or {}
     lines += ["training:",
-              f"  step: {meta.get('step', 'unknown')}",
+              f"  optimizer steps: {meta.get('step', 'unknown')}",
+              f"  windows drawn: {consumed['windows']:,} (epoch {consumed['epoch']}: {consumed['epoch_windows']:,})"
+              if consumed else "  windows drawn: unknown",
               f"  tokens seen: {meta['tokens_seen']:,}" if isinstance(meta.get("tokens_seen"), int)
               else "  tokens seen: unknown",
               f"  validation loss: {val_loss:.4f}" if isinstance(val_loss, float) else "  validation loss: unknown"]
