@@ -153,12 +153,15 @@ def test_python_api_checkpoint_loads_without_unpickling(tmp_path, capsys):
     schedule, generation = Schedule(warmup_steps=1), GenerationConfig(strategy="sample", top_k=5)
     module = LanguageModel(arch, schedule=schedule, generation=generation)
     data = XLabDataModule(max_documents=40, vocab_size=300, data_dir=str(tmp_path / "data"), context=32, batch_size=4)
-    trainer = L.Trainer(max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    # Lightning's defaults otherwise (its progress bar and logger, as a user's script has them)
+    trainer = L.Trainer(max_steps=2, default_root_dir=tmp_path, enable_model_summary=False, limit_val_batches=1,
+                        num_sanity_val_steps=0)
     trainer.fit(module, data)
     ckpt = trainer.checkpoint_callback.best_model_path
     loaded = load_checkpoint(ckpt)
     assert loaded.model.config == arch and loaded.meta["step"] == 2
+    # xlab.resume's counters come with the module, whatever the Trainer: 2 steps of 4 windows of 32 tokens
+    assert loaded.meta["consumed"] == {"steps": 2, "windows": 8, "tokens": 256, "epoch": 0, "epoch_windows": 8}
     for name, value in module.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
     capsys.readouterr()
@@ -166,7 +169,7 @@ def test_python_api_checkpoint_loads_without_unpickling(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def ")
     manage.main(["inspect", ckpt])
     out = capsys.readouterr().out
-    assert "step: 2" in out and f"total: {sum(p.numel() for p in module.model.parameters()):,}" in out, out
+    assert "optimizer steps: 2" in out and f"total: {sum(p.numel() for p in module.model.parameters()):,}" in out, out
     again = LanguageModel.load_from_checkpoint(ckpt)
     assert (again.model.config, again.schedule, again.generation) == (arch, schedule, generation)
 
