@@ -7,6 +7,7 @@ from the `tokenizers` library, offsets and statistics with numpy, split sizes by
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pickle
 import platform
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from xlab import data as xdata
 from xlab.data import SPLITS, XLabDataModule, split_documents, token_dtype
+from xlab.resume import Resume
 from xlab.tokenizer import Tokenizer
 from xlab.windows import IGNORE_INDEX, PackedWindows, PaddedWindows, ShuffledSampler, SplitTokens
 
@@ -355,8 +357,10 @@ class Recorder(L.LightningModule):
 
 
 def fit(dm: XLabDataModule, tmp_path: Path, steps: int, ckpt: str | None = None, every: int | None = None):
-    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every,
-                                                     save_top_k=-1)] if every else []
+    """A plain LightningModule of the user's: the position in the epoch is kept by xlab.resume.Resume, which
+    LanguageModel brings and any other module's Trainer takes as a callback."""
+    callbacks = [Resume()] + ([L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)] if every else [])
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=bool(every), callbacks=callbacks, limit_val_batches=0,
                         accelerator="cpu", devices=1)
@@ -376,6 +380,16 @@ def test_training_resumes_mid_epoch_with_the_same_next_batch(tmp_path, corpus):
     ckpt = next((tmp_path / "a/ckpt").glob("*.ckpt"))
     resumed = fit(module(tmp_path, corpus[0], val_size=0), tmp_path / "b", steps=per_epoch + 3, ckpt=str(ckpt))
     assert resumed == straight[5:]  # the rest of epoch 0, then epoch 1, batch for batch
+
+
+def test_resuming_without_the_resume_callback_says_the_epoch_starts_again(tmp_path, corpus, caplog):
+    fit(module(tmp_path, corpus[0], val_size=0), tmp_path / "a", steps=2, every=2)
+    ckpt = next((tmp_path / "a/ckpt").glob("*.ckpt"))
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, accelerator="cpu", devices=1)
+    with caplog.at_level(logging.WARNING, logger="xlab"):
+        trainer.fit(Recorder(300), datamodule=module(tmp_path, corpus[0], val_size=0), ckpt_path=str(ckpt))
+    assert "without the xlab.resume.Resume callback" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ stages and prompts

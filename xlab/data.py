@@ -522,10 +522,14 @@ class XLabDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         windows = self.windows["train"]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        first = self.train_sampler is None
         self.train_sampler = ShuffledSampler(windows, num_replicas=world, rank=rank, seed=self.hparams.seed)
         if self.resume_state is not None:
             self.resume(self.resume_state)
             self.resume_state = None
+        elif first and self.trainer is not None and self.trainer.ckpt_path:
+            log.warning("resuming without the xlab.resume.Resume callback (which LanguageModel brings), so without "
+                        "the position in the epoch: it starts from its beginning. Add Resume() to the callbacks")
         return self.loader(windows, ResumableLoader, sampler=self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
