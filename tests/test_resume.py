@@ -191,6 +191,18 @@ def test_training_longer_from_a_finished_run_is_exact(work, straight, where):
         torch.testing.assert_close(resumed.model.state_dict()[name], weight, rtol=0, atol=1e-5, msg=name)
 
 
+def test_a_run_bounded_by_epochs_resumes_mid_epoch_with_the_progress_bar_counting_its_steps(work, straight):
+    """Bounded by max_epochs, the bar counts the epoch's steps, which a run resumed mid-epoch works out without
+    Lightning's on_train_epoch_start (not called then)."""
+    run = "epochs"
+    fit(work, run, 5, **{"trainer.limit_val_batches": 0})
+    fit(work, run, -1, f"--ckpt_path={last(work, run)}", **{"trainer.limit_val_batches": 0, "trainer.max_epochs": 1})
+    assert_consumed(last(work, run), expected_consumed(work, per_epoch(work)))
+    [reference], parts = curves(straight), curves(work / run)
+    assert {step: value for part in parts for step, value in part.items()} == pytest.approx(
+        {step: value for step, value in reference.items() if step < per_epoch(work)}, abs=1e-5)
+
+
 def test_sigterm_while_training_saves_last_ckpt_and_resumes_exactly(work, straight):
     at = per_epoch(work) + 2 if (per_epoch(work) + 2) % VAL_EVERY else per_epoch(work) + 3  # epoch 1, no validation
     with pytest.raises(SIGTERMException) as stopped:
