@@ -12,7 +12,7 @@ from conftest import run_cli, tiny_args
 from test_metrics import table_value
 from torch.utils.data import DataLoader
 
-from xlab.loss import IGNORE_INDEX, linear_cross_entropy
+from xlab.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss
 from xlab.module import LanguageModel
 from xlab.transformer import TransformerConfig
 
@@ -115,6 +115,30 @@ def test_bf16_autocast_is_close_to_the_unfused_bf16_path(features_dtype):
     torch.testing.assert_close(grad_weight, grad_weight_bf16, rtol=2e-2, atol=2e-3)
     error, error_bf16 = ((g.double() - exact[2]).abs().max() for g in (grad_weight, grad_weight_bf16))
     assert error <= 1.5 * error_bf16 + 1e-4
+
+
+def test_fp16_autocast_gradients_under_a_grad_scaler_are_as_accurate_as_the_full_logits():
+    """Under float16 a GradScaler multiplies the loss by 2 ** 16 so that small gradients survive float16's range: the
+    gradient of the logits must not be rounded to float16 before that scale (known only in backward) reaches it."""
+    n, c, vocab = 1024, 8, 4096  # softmax / n ~ 2e-7, below float16's normal range (6e-5) unless the scale comes first
+    generator = torch.Generator().manual_seed(0)
+    features, weight = torch.randn(n, c, generator=generator), torch.randn(vocab, c, generator=generator) / c**0.5
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    scale = 2.0**16  # torch.amp.GradScaler's initial scale
+
+    def errors(fn) -> list[float]:  # relative errors of the unscaled gradients against float64's
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, *grads = loss_and_grads(fn, features, weight, targets, scale)
+        assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+        return [((g.double() / scale - e).norm() / e.norm()).item() for g, e in zip(grads, exact, strict=True)]
+
+    _, *exact = loss_and_grads(lambda f, w, t: F.cross_entropy(f @ w.T, t), features.double(), weight.double(),
+                               targets, 1.0)
+    chunked = errors(lambda f, w, t: linear_cross_entropy(f, w, t, vocab, 256))
+    full = errors(lambda f, w, t: next_token_loss(F.linear(f, w)[None], t[None]))
+    assert max(full) < 1e-3  # float16 rounding of the logits and their gradient, no worse
+    for ours, theirs in zip(chunked, full, strict=True):
+        assert ours <= 1.25 * theirs, (chunked, full)
 
 
 def test_bad_arguments_are_one_line_errors():

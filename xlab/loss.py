@@ -58,6 +58,20 @@ def _chunk_grads(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor, fe
     return grad @ weight, grad.T @ features
 
 
+def _mean_scale(count: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """1 / count, the mean's scale, as a mantissa (0.5 to 1) and a power of two, () each in dtype.
+
+    The gradient of the logits is rounded to the compute dtype at the mantissa's scale, the power of two applied
+    after the products, at least in float32. Divided by count first, float16 would flush most of a large
+    vocabulary's softmax to zero or a few bits before backward brings a GradScaler's scale (1 / V / N = 3e-8 at
+    V = 8192 and N = 4096, float16's least step 6e-8). Powers of two commute with rounding: bfloat16 and float32
+    round exactly as with 1 / count. What float16 gives up: a product's column sums over a chunk's rows are no
+    longer divided by count, and overflow if they pass 65504, whatever a GradScaler's scale. The count is clamped
+    to 1: the mean over no targets is NaN, as `F.cross_entropy`'s, with zero gradients."""
+    mantissa, exponent = torch.frexp(1 / count.clamp(min=1).to(dtype))
+    return mantissa, torch.ldexp(torch.ones_like(mantissa), exponent)
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     """Slices of n rows, size at a time (the last shorter)."""
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
@@ -67,9 +81,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of features @ weight[:vocab].T, chunk by chunk of rows.
 
     Mean (training): each chunk's gradients w.r.t. the features and the weight are computed in the forward pass,
-    while its logits exist, and kept, as Liger's fused linear cross-entropy does: (N, C) + (V, C) values, small
-    beside the (N, V) logits, and three products a chunk. Recomputing the logits in backward instead would add a
-    fourth, the head's forward again: about 10% more FLOPs for GPT-2 124M. The backward then only scales them.
+    while its logits exist, and kept, as Liger's fused linear cross-entropy does: (N, C) + (V, C) float32 values,
+    small beside the (N, V) logits, and three products a chunk. Recomputing the logits in backward instead would
+    add a fourth, the head's forward again: about 10% more FLOPs for GPT-2 124M. The backward then only scales
+    them, by the incoming gradient: under float16, a GradScaler's scale comes only there, so the forward does not
+    divide by the count of targets before rounding to float16 (see `_mean_scale`).
     Per-token losses (reduction "none") weight each row's gradient by its own incoming gradient, known only in
     backward: there the logits are recomputed, chunk by chunk (evaluation, without gradients, never does).
     """
@@ -83,24 +99,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             losses = torch.empty(len(targets), dtype=torch.promote_types(dtype, torch.float32), device=f.device)
             predictions = torch.empty_like(targets) if predict else None
             count = (targets != IGNORE_INDEX).sum()
-            # mean over no targets: as F.cross_entropy, the loss is NaN and the gradients 0 (not NaN)
-            scale = 1 / count.clamp(min=1).to(losses.dtype)
             precomputed = mean and grads
             if precomputed:
-                grad_features = torch.empty_like(features)
-                grad_weight = torch.zeros_like(weight)
+                mantissa, power = _mean_scale(count, losses.dtype)
+                grad_features = torch.empty_like(features, dtype=torch.promote_types(features.dtype, torch.float32))
+                grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
             for rows in _chunks(len(targets), chunk_size):
                 logits, lse, chunk_losses = _chunk_losses(f[rows], w, targets[rows])
                 losses[rows] = chunk_losses
                 if predict:
                     predictions[rows] = logits.argmax(-1)
                 if precomputed:
-                    grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], scale, f[rows], w)
+                    grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], mantissa, f[rows], w)
                     grad_features[rows] = grad_f
                     grad_weight[:vocab_size] += grad_w
         ctx.vocab_size, ctx.chunk_size, ctx.precomputed = vocab_size, chunk_size, precomputed
         if precomputed:
-            ctx.save_for_backward(grad_features, grad_weight)
+            ctx.save_for_backward(grad_features, grad_weight, power)
+            ctx.dtypes = features.dtype, weight.dtype
         elif grads:
             ctx.save_for_backward(features, weight, targets)
         if predict:
@@ -111,8 +127,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_predictions) -> tuple[Tensor | None, ...]:
         if ctx.precomputed:
-            grad_features, grad_weight = ctx.saved_tensors
-            return grad_features * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None
+            grad_features, grad_weight, power = ctx.saved_tensors
+            grad_loss = grad_loss * power  # exact: a power of two
+            return ((grad_features * grad_loss).to(ctx.dtypes[0]), (grad_weight * grad_loss).to(ctx.dtypes[1]),
+                    None, None, None, None, None, None)
         features, weight, targets = ctx.saved_tensors
         dtype = _compute_dtype(features, weight)
         with torch.autocast(features.device.type, enabled=False):
