@@ -51,25 +51,14 @@ def _chunk_grads(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor, fe
 
     d loss / d logits = (softmax - onehot(target)) * scale per row, written over `logits` (n, V), which is then
     spent; scale (n,) is 0 at IGNORE_INDEX. The products run in the features' (compute) dtype, as autocast would
-    run a Linear's backward."""
+    run a Linear's backward, except float16's, which run in float32: a GradScaler's scale comes only in backward,
+    and without it float16 flushes a large vocabulary's gradients (1 / V / N = 3e-8 at V = 8192 and N = 4096,
+    float16's least step 6e-8) to zero."""
     grad = logits.sub_(lse[:, None]).exp_()
     grad.scatter_add_(1, targets.clamp(min=0)[:, None], torch.full_like(grad[:, :1], -1))
-    grad = grad.mul_(torch.where(targets != IGNORE_INDEX, scale, 0)[:, None]).to(features.dtype)
-    return grad @ weight, grad.T @ features
-
-
-def _mean_scale(count: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """1 / count, the mean's scale, as a mantissa (0.5 to 1) and a power of two, () each in dtype.
-
-    The gradient of the logits is rounded to the compute dtype at the mantissa's scale, the power of two applied
-    after the products, at least in float32. Divided by count first, float16 would flush most of a large
-    vocabulary's softmax to zero or a few bits before backward brings a GradScaler's scale (1 / V / N = 3e-8 at
-    V = 8192 and N = 4096, float16's least step 6e-8). Powers of two commute with rounding: bfloat16 and float32
-    round exactly as with 1 / count. What float16 gives up: a product's column sums over a chunk's rows are no
-    longer divided by count, and overflow if they pass 65504, whatever a GradScaler's scale. The count is clamped
-    to 1: the mean over no targets is NaN, as `F.cross_entropy`'s, with zero gradients."""
-    mantissa, exponent = torch.frexp(1 / count.clamp(min=1).to(dtype))
-    return mantissa, torch.ldexp(torch.ones_like(mantissa), exponent)
+    dtype = torch.float32 if features.dtype == torch.float16 else features.dtype
+    grad = grad.mul_(torch.where(targets != IGNORE_INDEX, scale, 0)[:, None]).to(dtype)
+    return grad @ weight.to(dtype), grad.T @ features.to(dtype)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -84,8 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     while its logits exist, and kept, as Liger's fused linear cross-entropy does: (N, C) + (V, C) float32 values,
     small beside the (N, V) logits, and three products a chunk. Recomputing the logits in backward instead would
     add a fourth, the head's forward again: about 10% more FLOPs for GPT-2 124M. The backward then only scales
-    them, by the incoming gradient: under float16, a GradScaler's scale comes only there, so the forward does not
-    divide by the count of targets before rounding to float16 (see `_mean_scale`).
+    them, by the incoming gradient: under float16, a GradScaler's scale comes only there (see `_chunk_grads`).
     Per-token losses (reduction "none") weight each row's gradient by its own incoming gradient, known only in
     backward: there the logits are recomputed, chunk by chunk (evaluation, without gradients, never does).
     """
@@ -101,7 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             count = (targets != IGNORE_INDEX).sum()
             precomputed = mean and grads
             if precomputed:
-                mantissa, power = _mean_scale(count, losses.dtype)
+                scale = 1 / count.clamp(min=1).to(losses.dtype)  # no targets: NaN loss, 0 gradients, as F's
                 grad_features = torch.empty_like(features, dtype=torch.promote_types(features.dtype, torch.float32))
                 grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
             for rows in _chunks(len(targets), chunk_size):
@@ -110,12 +98,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if predict:
                     predictions[rows] = logits.argmax(-1)
                 if precomputed:
-                    grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], mantissa, f[rows], w)
+                    grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], scale, f[rows], w)
                     grad_features[rows] = grad_f
                     grad_weight[:vocab_size] += grad_w
         ctx.vocab_size, ctx.chunk_size, ctx.precomputed = vocab_size, chunk_size, precomputed
         if precomputed:
-            ctx.save_for_backward(grad_features, grad_weight, power)
+            ctx.save_for_backward(grad_features, grad_weight)
             ctx.dtypes = features.dtype, weight.dtype
         elif grads:
             ctx.save_for_backward(features, weight, targets)
@@ -127,8 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_predictions) -> tuple[Tensor | None, ...]:
         if ctx.precomputed:
-            grad_features, grad_weight, power = ctx.saved_tensors
-            grad_loss = grad_loss * power  # exact: a power of two
+            grad_features, grad_weight = ctx.saved_tensors
             return ((grad_features * grad_loss).to(ctx.dtypes[0]), (grad_weight * grad_loss).to(ctx.dtypes[1]),
                     None, None, None, None, None, None)
         features, weight, targets = ctx.saved_tensors
