@@ -307,6 +307,34 @@ def test_batches_are_pinned_for_a_gpu_only(tmp_path, corpus, device, pinned):
     assert dm.val_dataloader().pin_memory is pinned
 
 
+def test_evaluation_gives_every_rank_as_many_batches_and_each_window_once(tmp_path, corpus):
+    """Rank r of R evaluates windows r, r + R, ...; a rank left a window short takes one whose targets are all
+    ignored rather than a repeat (which would count twice), so that every rank runs as many batches, as a sharded
+    forward pass needs."""
+    dm = module(tmp_path, corpus[0], batch_size=3)
+    dm.prepare_data()
+    dm.setup("validate")
+    windows = dm.windows["val"]
+    n, uneven = len(windows), 0
+    for world in (1, 2, 5, 7):
+        per_rank = -(-n // world)
+        ranks = []
+        for rank in range(world):
+            dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                                         world_size=world, global_rank=rank)
+            batches = list(dm.val_dataloader())
+            assert len(batches) == -(-per_rank // 3), (world, rank)
+            ranks.append([(x, y) for xs, ys in batches for x, y in zip(xs, ys, strict=True)])
+        assert [len(rows) for rows in ranks] == [per_rank] * world
+        in_order = [ranks[r][k] for k in range(per_rank) for r in range(world)]  # rank r's k-th is k * world + r
+        for i, (x, y) in enumerate(in_order[:n]):
+            assert torch.equal(x, windows[i][0]) and torch.equal(y, windows[i][1]), (world, i)
+        for x, y in in_order[n:]:
+            assert (y == IGNORE_INDEX).all() and (0 <= x).all() and (x < dm.tokenizer.vocab_size).all()
+        uneven += n % world != 0
+    assert uneven  # some world size needs padding windows
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 
 def test_sampler_orders_are_seeded_permutations_distinct_across_ranks():

@@ -35,14 +35,14 @@ import datasets
 import lightning as L
 import numpy as np
 import pyarrow.compute as pc
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from xlab.sources import BUILTIN_STDLIB, Source, as_sources, load_sources, python_stdlib_files, source_state
 from xlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 from xlab.windows import (
     CACHE_VERSION,
+    IgnoredPadding,
     PackedWindows,
     PaddedWindows,
     Prompts,
@@ -539,17 +539,15 @@ class XLabDataModule(L.LightningDataModule):
         return self.eval_loader("test")
 
     def eval_loader(self, name: str) -> DataLoader:
-        """Each window once, in order. Under DDP each rank takes every world_size-th window, without the windows
-        Lightning's DistributedSampler would repeat to give every rank as many: those would count twice in the
-        loss. Ranks may then run one batch more than others, which evaluation allows (metrics sync at the end)."""
-        windows = self.windows[name]
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if len(windows) < world:  # every process needs a window (the sampler asserts it: DDP could hang)
-            raise ValueError(f"the {name} split has {len(windows)} windows, fewer than the {world} processes: "
-                             f"raise data.{name}_size (now {self.sizes[name]})")
-        sampler = None if world == 1 else UnrepeatedDistributedSampler(
-            windows, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
-        return self.loader(windows, sampler=sampler, shuffle=False)
+        """Each window once, in order. Under DDP or FSDP rank r of R takes windows r, r + R, r + 2R, ..., and the
+        ranks left a window short take one that predicts nothing (`xlab.windows.IgnoredPadding`), rather than a
+        repeated window, which would count twice in the loss: every rank runs as many batches, as a sharded
+        forward pass needs (a rank with a batch more would wait for the others forever)."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        windows = IgnoredPadding(self.windows[name], world)
+        # a DistributedSampler, which Lightning leaves in place; over a multiple of `world` windows it repeats none
+        sampler = DistributedSampler(windows, num_replicas=world, rank=rank, shuffle=False)
+        return self.loader(windows, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader(self.prompts(), shuffle=False, collate_fn=collate_prompts)

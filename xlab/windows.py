@@ -153,6 +153,28 @@ class PaddedWindows(Dataset):
         return x, y
 
 
+class IgnoredPadding(Dataset):
+    """`windows` followed by windows that predict nothing, up to a multiple of `ranks` windows in all: a
+    DistributedSampler over it, unshuffled, then gives every rank as many windows (so as many batches) and each
+    real window to one rank once. Evaluation needs both: a sharded (FSDP) forward pass needs every rank, and a
+    repeated window would count twice. A padding window is the first window's inputs (valid ids) with every
+    target IGNORE_INDEX: it adds no loss, no target, no byte and nothing to accuracy."""
+
+    def __init__(self, windows: Dataset, ranks: int):
+        self.windows, self.length = windows, -(-len(windows) // ranks) * ranks
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i < len(self.windows):
+            return self.windows[i]
+        if not i < self.length:
+            raise IndexError(i)
+        x, _ = self.windows[0]
+        return x, torch.full_like(x, IGNORE_INDEX)
+
+
 class Prompts(Dataset):
     """Prompts for generation: each item is {"text": str, "ids": LongTensor}."""
 
