@@ -112,7 +112,7 @@ def test_fsdp_matches_ddp_resumes_and_its_checkpoint_loads(tmp_path, capsys):
     continuation = tok.decode(greedy_reference(model, tok.encode("def "), 5, tok.eos_id, keep_eos=False))
     assert capsys.readouterr().out == "def " + continuation + "\n"
     manage.main(["inspect", str(ckpt)])
-    assert "  step: 8\n" in capsys.readouterr().out
+    assert "  optimizer steps: 8\n" in capsys.readouterr().out
     manage.main(["export-checkpoint", str(ckpt), "--output", str(tmp_path / "exported")])
     exported = load_checkpoint(tmp_path / "exported")
     for name, weight in model.state_dict().items():
