@@ -45,8 +45,6 @@ def read_manifest(folder: Path, name: str, tokenizer_sha: str) -> tuple[dict | N
     return manifest, "ok"
 
 
-
-
 class SplitTokens:
     """A split's token and offset files, mapped lazily: each DataLoader worker maps them itself
     rather than receiving a pickled copy, and only the pages actually read occupy memory."""
