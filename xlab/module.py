@@ -318,7 +318,7 @@ class LanguageModel(L.LightningModule):
         self.log_evaluation("test")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.trainer._logger_connector.should_update_logs:
+        if loops.is_logging_step(self.trainer):
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             # sharded (FSDP2), the gradients are DTensors and their norm a DTensor holding the global value
