@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint bench clean
+.PHONY: train test check-readme lint bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# every command of README.md, run as written with sizes shrunk (make test runs a representative few): minutes
+check-readme: $(STAMP)
+	$(BIN)/python -m pytest -q -m "" tests/test_readme_commands.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check xlab tests benchmarks *.py
