@@ -290,6 +290,7 @@ COMMANDS: dict[str, Skip | Run] = {
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --attention-backends cudnn": Skip(
         "a GPU benchmark (benchmarks/gpu_session.sh on a lent GPU), not CI"),
     "make lint": Skip("CI runs it itself, before make test (.ci/run)"),
+    "make check-readme": Skip("runs this file"),
     "make bench": Skip("the benchmarks (tens of minutes), not CI"),
 }
 
