@@ -1,7 +1,8 @@
 """Inference matrix products: `xlab.transformer.Linear` (oneDNN, blocked weight) against `nn.Linear`.
 
 PyTorch's fp32 CPU `nn.Linear` calls MKL, which on non-Intel CPUs runs a generic code path. XLab's
-`Linear` multiplies by a oneDNN copy of the weight whenever autograd is off. This times both on the
+`Linear` multiplies by a oneDNN copy of the weight with autograd off inside a `OneDNNWeights` scope, as
+`generate` opens for each call (outside one it is `nn.Linear`). This times both on the
 projections of a transformer of width --d-model (qkv, attention output, MLP up and down, and the
 vocabulary head) for several row counts: 1, 4 and 8 rows are decoding (greedy, beams, a sampled
 batch), more rows are a prefill or an evaluation batch.
@@ -30,12 +31,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xlab.transformer import ONEDNN, Linear  # noqa: E402
+from xlab.transformer import ONEDNN, Linear, OneDNNWeights  # noqa: E402
 
 
 def seconds_per_call(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:
     """Best of `repeats` passes over all layers, per layer call."""
-    for layer in layers:  # warm up (and convert XLab's weights)
+    for layer in layers:  # warm up (and lay XLab's weights out for oneDNN)
         layer(x)
     best = float("inf")
     for _ in range(repeats):
@@ -65,10 +66,9 @@ def main() -> None:
     torch.manual_seed(0)
     for name, (n_in, n_out) in shapes.items():
         copies = max(2, int(args.working_set * 1e6 / (4 * n_in * n_out)))
-        # made outside inference mode, as a trained or loaded model's are (XLab converts those weights once)
         ours = [Linear(n_in, n_out) for _ in range(copies)]
         theirs = [nn.Linear(n_in, n_out) for _ in range(copies)]
-        with torch.inference_mode():
+        with torch.inference_mode(), OneDNNWeights():  # XLab's weights laid out once, as in a generate call
             for rows in args.rows:
                 x = torch.randn(rows, n_in)
                 torch.testing.assert_close(ours[0](x), nn.functional.linear(x, ours[0].weight, ours[0].bias),

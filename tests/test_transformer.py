@@ -3,18 +3,23 @@ the papers' formulas, PyTorch built-ins, and values worked out by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import pickle
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from xlab import transformer
+from xlab.generate import GenerationConfig, generate, stream
 from xlab.transformer import (
     MLP,
     KVCache,
     Linear,
+    OneDNNWeights,
     Transformer,
     TransformerConfig,
     alibi_slopes,
@@ -439,10 +444,11 @@ def test_cache_overflow_raises_and_alibi_extrapolates():
 def test_linear_inference_matches_f_linear(shape, bias):
     layer = Linear(48, 80, bias=bias)
     x = torch.randn(shape)
-    with torch.no_grad():
+    weights = OneDNNWeights()
+    with torch.no_grad(), weights:
         out = layer(x)
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    with torch.inference_mode():  # a second call reuses the converted weight
+    with torch.inference_mode(), weights:  # a second call reuses the laid-out weight
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
@@ -487,6 +493,100 @@ def test_linear_follows_weight_updates_and_trains_as_nn_linear():
         fresh(x)
         fresh.weight.copy_(torch.randn(8, 16))
         torch.testing.assert_close(fresh(x), F.linear(x, fresh.weight, fresh.bias), rtol=1e-5, atol=1e-5)
+        with OneDNNWeights():
+            torch.testing.assert_close(fresh(x), F.linear(x, fresh.weight, fresh.bias), rtol=1e-5, atol=1e-5)
+
+
+# writes through `.data`, numpy or an initializer given `.data`: none of them bumps the weight's version counter
+UNTRACKED_WRITES = {
+    "data.copy_": lambda w, new: w.data.copy_(new),
+    "data.mul_": lambda w, new: w.data.mul_(-2.0),
+    "data[:] = under no_grad": lambda w, new: _under_no_grad(w.data.__setitem__, slice(None), new),
+    "numpy": lambda w, new: w.detach().numpy().__setitem__(slice(None), new.numpy()),
+    "nn.init on data": lambda w, new: torch.nn.init.normal_(w.data),
+}
+
+
+def _under_no_grad(fn, *args):
+    with torch.no_grad():
+        fn(*args)
+
+
+@pytest.mark.parametrize("write", list(UNTRACKED_WRITES))
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("scoped", [False, True], ids=["bare", "in OneDNNWeights scopes"])
+def test_linear_follows_writes_that_skip_the_version_counter(write, mode, scoped):
+    torch.manual_seed(0)
+    layer, x = Linear(48, 80), torch.randn(5, 48)
+    with mode(), OneDNNWeights() if scoped else contextlib.nullcontext():
+        layer(x)  # a first inference forward, as validation or a generate call makes
+    version = layer.weight._version
+    UNTRACKED_WRITES[write](layer.weight, torch.randn(80, 48))
+    assert layer.weight._version == version  # the write really is invisible to the version counter
+    with mode(), OneDNNWeights() if scoped else contextlib.nullcontext():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_weights_serve_only_their_own_thread():
+    """Another thread's inference forward, while this thread holds a scope's copy, multiplies by the weight as
+    it is now: the scope is this thread's."""
+    layer, x = Linear(48, 80), torch.randn(5, 48)
+    result = []
+
+    def forward_elsewhere():
+        with torch.no_grad():  # grad mode is per thread too
+            result.append(layer(x))
+
+    with torch.no_grad(), OneDNNWeights():
+        layer(x)
+        layer.weight.data.mul_(-2.0)
+        thread = threading.Thread(target=forward_elsewhere)
+        thread.start()
+        thread.join()
+    torch.testing.assert_close(result[0], F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_model_generate_and_stream_follow_writes_through_data():
+    """A whole model's inference forward, `generate` and `stream` after every weight is rescaled through `.data`
+    (as other libraries write weights) compute what the naive reference computes from the new weights, also
+    while a stream started before the write is suspended between tokens."""
+    model = model_of(tiny())
+    idx = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(1))
+    config = GenerationConfig(strategy="greedy", max_new_tokens=6, compile=False)
+    with torch.no_grad():
+        model(idx)
+    generate(model, idx.tolist(), config)
+    suspended = stream(model, idx[0].tolist(), config)
+    next(suspended)
+    for p in model.parameters():
+        p.data.mul_(-1.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference_forward(model, idx), atol=2e-5, rtol=1e-5)
+        ids = idx
+        for _ in range(config.max_new_tokens):  # greedy by hand: argmax of the naive forward, no cache
+            ids = torch.cat([ids, reference_forward(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = ids[:, idx.shape[1]:].tolist()
+    assert [c.tokens for [c] in generate(model, idx.tolist(), config)] == expected
+    assert list(stream(model, idx[1].tolist(), config)) == expected[1]
+
+
+@pytest.mark.skipif(not transformer.ONEDNN, reason="oneDNN's linear ops are used on x86 only")
+def test_decoding_lays_each_weight_out_once(monkeypatch):
+    """The speed the copies buy: one oneDNN layout per linear layer for a whole generate or stream call, and
+    none for a plain inference forward (nn.Linear's product then)."""
+    layouts, layout = [], transformer._onednn_layout
+    monkeypatch.setattr(transformer, "_onednn_layout", lambda w: layouts.append(w) or layout(w))
+    model = model_of(tiny())
+    linears = sum(isinstance(m, Linear) for m in model.modules())
+    config = GenerationConfig(strategy="greedy", max_new_tokens=5, compile=False)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    assert not layouts
+    generate(model, [[1, 2, 3]], config)
+    assert len(layouts) == linears
+    layouts.clear()
+    assert len(list(stream(model, [1, 2, 3], config))) == config.max_new_tokens
+    assert len(layouts) == linears
 
 
 def test_model_copies_and_pickles_after_inference():

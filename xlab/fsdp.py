@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from xlab.transformer import Linear, Transformer
+from xlab.transformer import Transformer
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -42,9 +42,6 @@ def shard(model: Transformer, mesh: DeviceMesh, precision: str) -> None:
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    for module in model.modules():
-        if isinstance(module, Linear):  # each forward gathers its weight afresh into the same storage
-            module.cache_onednn = False
 
 
 def full_copy(model: Transformer, device: torch.device) -> Transformer | None:

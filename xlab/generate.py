@@ -36,7 +36,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from xlab.transformer import KVCache, TransformerConfig
+from xlab.transformer import KVCache, OneDNNWeights, TransformerConfig
 
 STRATEGIES = ("greedy", "sample", "beam")
 SLIDING_POSITIONS = ("rope", "alibi", "none")  # relative (or no) positions: a window may start anywhere
@@ -753,7 +753,7 @@ def generate(model: nn.Module | Decodable, prompts: Sequence[Sequence[int]], con
     config.validate()
     prompts = _prepare_prompts(prompts, config, model.config.context, model.config.vocab_size)
     model = _decoding_model(model, config)
-    with _EvalMode(model):
+    with _EvalMode(model), OneDNNWeights():
         dec = _Decoder(model, prompts, config)
         if config.strategy == "beam":
             return _beam_search(dec, config)
@@ -778,12 +778,16 @@ def stream(model: nn.Module | Decodable, prompt: Sequence[int], config: Generati
 
 @torch.inference_mode()  # on a generator function, torch enters the mode around each step only
 def _stream(model, prompt, config, generator) -> Iterator[int]:
+    # entered around each step only: between tokens the caller's own forwards (and other streams) see no copies
+    weights = OneDNNWeights()
     with _EvalMode(model):
-        for tokens in _decode_steps(_Decoder(model, [prompt], config), config, generator):
-            token = int(tokens[0])
-            if token == config.eos_id:
+        steps = _decode_steps(_Decoder(model, [prompt], config), config, generator)
+        while True:
+            with weights:
+                tokens = next(steps, None)
+            if tokens is None or int(tokens[0]) == config.eos_id:
                 return
-            yield token
+            yield int(tokens[0])
 
 
 class TextStreamer:

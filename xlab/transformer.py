@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import platform
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -213,21 +214,55 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class OneDNNWeights:
+    """oneDNN copies of `Linear` weights, kept for one decoding or evaluation call.
+
+    Inside `with weights:`, each `Linear`'s inference forward (autograd off) multiplies by a copy of its weight
+    in oneDNN's layout, made on that layer's first such forward and held by this object until it is dropped.
+    The copies serve only inside its `with`, so no write to a weight outside it (an optimizer step, `.data`,
+    numpy, FSDP's gathers) can leave one stale; the weights must not change inside. The same object may be
+    entered again (a streamed generation enters it around each step); scopes nest, the innermost serving, and
+    each thread has its own.
+    """
+
+    def __init__(self) -> None:
+        self.copies: dict[Linear, Tensor] = {}
+
+    def __enter__(self) -> OneDNNWeights:
+        _SCOPES.open.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _SCOPES.open.pop()
+
+    def of(self, layer: Linear) -> Tensor:
+        """layer's weight (out, in) in oneDNN's layout, laid out on the first call."""
+        if layer not in self.copies:
+            self.copies[layer] = _onednn_layout(layer.weight.detach())
+        return self.copies[layer]
+
+
+class _Scopes(threading.local):
+    """This thread's open `OneDNNWeights` scopes, innermost last."""
+
+    def __init__(self) -> None:
+        self.open: list[OneDNNWeights] = []
+
+
+_SCOPES = _Scopes()
+
+
 class Linear(nn.Linear):
     """nn.Linear that multiplies on oneDNN on the CPU.
 
     PyTorch's fp32 CPU matmul goes through MKL, which runs a generic code path on non-Intel CPUs: on the
     AMD EPYC our CI runs on, oneDNN computes the same product 1.7-4x faster at every row count
-    (benchmarks/linear.py). With autograd off (decoding, validation) the weight is laid out for oneDNN
-    once and kept until it changes (an optimizer step bumps its version): one more copy of the weights in
-    memory. In training, `_OneDNNLinearFn` runs the forward and the input gradient. Under autocast,
-    tracing, compiling or export, off the CPU, or for a weight created in inference mode, this is plain
-    nn.Linear.
+    (benchmarks/linear.py), given the weight in oneDNN's layout. With autograd off, inside a `OneDNNWeights`
+    scope (`generate`, `stream`), the weight is laid out once per scope: one more copy of the weights in
+    memory while it lasts. Outside any scope this is plain nn.Linear: laying the weight out for a single
+    product costs more than MKL's product. In training, `_OneDNNLinearFn` runs the forward and the input
+    gradient. Under autocast, tracing, compiling or export, or off the CPU, this is plain nn.Linear.
     """
-
-    _onednn: tuple[tuple, Tensor] | None = None  # (weight identity, oneDNN copy)
-    # False where the weight's storage is refilled without a version bump (FSDP2's all-gathers): laid out every call
-    cache_onednn = True
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out)."""
@@ -235,27 +270,15 @@ class Linear(nn.Linear):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _OneDNNLinearFn.apply(x, self.weight, self.bias)
-        return _onednn_linear(x, self._onednn_weight(), self.bias)
+        if _SCOPES.open:
+            return _onednn_linear(x, _SCOPES.open[-1].of(self), self.bias)
+        return super().forward(x)
 
     def _onednn_applies(self, x: Tensor) -> bool:
-        # a weight made in inference mode has no version counter to tell when it changes: not cached
-        # compiling first: the compiler cannot trace is_inference()
         return (ONEDNN and not torch.compiler.is_compiling() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype == torch.float32 and not self.weight.is_inference()
+                and x.dtype == self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
                 and not torch.onnx.is_in_onnx_export())
-
-    def _onednn_weight(self) -> Tensor:
-        w = self.weight
-        if not self.cache_onednn:
-            return _onednn_layout(w.detach())
-        key = (w.data_ptr(), w._version)
-        if self._onednn is None or self._onednn[0] != key:
-            self._onednn = (key, _onednn_layout(w.detach()))
-        return self._onednn[1]
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_onednn": None}  # copies and pickles rebuild it on first use
 
 
 # x86 only: measured there; elsewhere (ARM) PyTorch's own BLAS choice is kept
