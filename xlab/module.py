@@ -24,7 +24,7 @@ from xlab.generate import GenerationConfig, generate
 from xlab.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, target_losses
 from xlab.optim import Schedule, param_groups
 from xlab.resume import Resume
-from xlab.transformer import Transformer, TransformerConfig
+from xlab.transformer import OneDNNWeights, Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class LanguageModel(L.LightningModule):
         self.generation = generation
         self.resume = Resume()  # what the run has consumed; see configure_callbacks
         self._step_sums: torch.Tensor | None = None  # see log_training
+        self.onednn_weights: OneDNNWeights | None = None  # during an evaluation: its oneDNN copies of the weights
         self.first_bad: tuple[torch.Tensor, torch.Tensor] | None = None  # see note_non_finite
         vocab = self.model.config.vocab_size
         # sums over the whole evaluation, synced across ranks by compute(): the loss is nats / targets and bits per
@@ -240,10 +241,16 @@ class LanguageModel(L.LightningModule):
         if predictions is not None:
             self.log_dict({"train/perplexity": mean.exp(), "train/accuracy": correct / kept})
 
+    def on_validation_epoch_start(self) -> None:
+        self.onednn_weights = OneDNNWeights()  # the weights are fixed for one evaluation: laid out once for it
+
+    on_test_epoch_start = on_validation_epoch_start
+
     def evaluate(self, batch, stage: str) -> None:
         """Add a batch to the stage's sums: one cross-entropy pass gives both the loss and bits per byte."""
         y = batch[1]
-        losses, predictions = self.step(batch, per_token=True, predict=True)
+        with self.onednn_weights:
+            losses, predictions = self.step(batch, per_token=True, predict=True)
         kept = y != IGNORE_INDEX
         self.metrics[f"{stage}_nats"].update(losses.sum())  # ignored targets add 0
         self.metrics[f"{stage}_targets"].update(kept.sum())
@@ -268,6 +275,7 @@ class LanguageModel(L.LightningModule):
         return figures
 
     def log_evaluation(self, stage: str) -> None:
+        self.onednn_weights = None  # their copies go: training changes the weights next
         figures = self.evaluation(stage)
         self.log(f"{stage}/loss", figures.pop("loss"), prog_bar=stage == "val")
         self.log_dict({f"{stage}/{name}": value for name, value in figures.items()})
