@@ -33,7 +33,7 @@ from xlab.cli import check_hardware, main
 from xlab.data import XLabDataModule
 from xlab.fsdp import full_copy, shard
 from xlab.loss import IGNORE_INDEX
-from xlab.transformer import Transformer, TransformerConfig
+from xlab.transformer import OneDNNWeights, Transformer, TransformerConfig
 
 STEPS, PEAK_FLOPS = 8, 1e12
 
@@ -122,8 +122,9 @@ def test_fsdp_matches_ddp_resumes_and_its_checkpoint_loads(tmp_path, capsys):
 def test_sharded_model_evaluates_with_its_current_weights(tmp_path):
     """A sharded model (one process) evaluated, updated in place as an optimizer step does, and evaluated again
     computes what an unsharded copy of its new weights computes. FSDP2 gathers each weight into the same storage
-    without bumping its version, so a oneDNN copy of the weight cached by its identity would stay the old one.
-    Evaluation runs without grad, not in inference mode, as Lightning does under gloo and conf/extra/fsdp.yaml."""
+    without bumping its version: each evaluation lays out oneDNN copies of its own (a `OneDNNWeights` scope, as
+    `LanguageModel` opens one per evaluation). Evaluation runs without grad, not in inference mode, as Lightning
+    does under gloo and conf/extra/fsdp.yaml."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
@@ -136,7 +137,8 @@ def test_sharded_model_evaluates_with_its_current_weights(tmp_path):
                 model.reshard()  # as a training step's backward pass does (the blocks reshard after forward)
                 for p in model.parameters():
                     p.mul_(1.5)
-                logits = model(x)
+                with OneDNNWeights():
+                    logits = model(x)
                 torch.testing.assert_close(logits, full_copy(model, torch.device("cpu"))(x), rtol=0, atol=1e-5,
                                            msg=lambda m, step=step: f"step {step}: {m}")
     finally:
