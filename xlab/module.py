@@ -249,7 +249,7 @@ class LanguageModel(L.LightningModule):
     def evaluate(self, batch, stage: str) -> None:
         """Add a batch to the stage's sums: one cross-entropy pass gives both the loss and bits per byte."""
         y = batch[1]
-        with self.onednn_weights:
+        with self.onednn_weights or OneDNNWeights():  # called outside an evaluation: a scope of its own
             losses, predictions = self.step(batch, per_token=True, predict=True)
         kept = y != IGNORE_INDEX
         self.metrics[f"{stage}_nats"].update(losses.sum())  # ignored targets add 0
