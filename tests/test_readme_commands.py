@@ -285,6 +285,14 @@ COMMANDS: dict[str, Skip | Run] = {
                "--trainer.max_steps=250 --trainer.val_check_interval=250 --trainer.limit_val_batches=10 "
                "--trainer.logger.init_args.save_dir=logs/extrap --trainer.logger.init_args.name=$pos; done",),
         writes=("docs/extrapolation.png",), prints=("all 1–32", "all 33–128")),
+    "./manage.py compare RUNS_OR_SWEEPS... [--plot curves.png] [--x time] [--steps-to BPB]": Run(
+        subs=(("RUNS_OR_SWEEPS...", "logs/extrap/*/version_0"), ("[--plot curves.png]", "--plot curves.png"),
+              ("[--x time]", "--x time"), ("[--steps-to BPB]", "--steps-to 100")),
+        needs=("for pos in learned sinusoidal rope alibi none; do ./xlab.py fit --model.arch.position=$pos "
+               "--model.arch.context=128 --model.arch.d_model=128 --model.arch.n_heads=4 --model.arch.n_layers=4 "
+               "--trainer.max_steps=250 --trainer.val_check_interval=250 --trainer.limit_val_batches=10 "
+               "--trainer.logger.init_args.save_dir=logs/extrap --trainer.logger.init_args.name=$pos; done",),
+        writes=("curves.png",), prints=("| model.arch.position | seeds |", "tokens to val bpb ≤ 100", "one seed")),
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --loss-chunk-size 8192": Skip(
         "a GPU benchmark (benchmarks/gpu_session.sh on a lent GPU), not CI"),
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --attention-backends cudnn": Skip(
