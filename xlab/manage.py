@@ -6,6 +6,7 @@
   export-onnx        XLab checkpoint -> ONNX graph (optionally with a KV cache), run with onnxruntime
   inspect            print what a checkpoint holds
   extrapolate        loss and bits per byte by position, past the training context
+  compare            runs or sweeps side by side: a table with error bars over seeds, a plot, HParams
 
 Outputs are written under a temporary name beside the target and renamed when complete: a failed
 or interrupted command leaves nothing behind, and an existing output is kept unless --force.
@@ -180,6 +181,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(describe(args.ckpt))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Runs side by side: the config keys that differ between them, runs differing only by seed grouped, and a
+    Markdown table of steps, tokens, wall time, tokens/s and the final and best val loss and bpb (mean ± std over
+    seeds, with a 95-percent interval), the best group marked and its lead over the next tested against the seed
+    noise (Welch's t-test). A sweep folder's members also get a TensorBoard HParams record."""
+    from xlab.compare import compare
+
+    compare(args.runs, plot_path=args.plot, x=args.x, steps_to=args.steps_to, force=args.force)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print the usage too; one line is the contract (as infer.py's)
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -243,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--plot", help="write the curves to this PNG (needs matplotlib)")
     sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="default: cuda when there is one")
+    sub.add_argument("--force", action="store_true", help="replace an existing plot")
+
+    sub = command("compare", cmd_compare, ckpt_help=None)
+    sub.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run folders (logs/version_N) or sweep folders")
+    sub.add_argument("--plot", metavar="PNG", help="write val bpb curves to this PNG (needs matplotlib)")
+    sub.add_argument("--x", choices=("tokens", "time"), default="tokens", help="the plot's x axis (default tokens)")
+    sub.add_argument("--steps-to", type=float, metavar="BPB",
+                     help="add a column: the tokens each group needs to reach this val bpb")
     sub.add_argument("--force", action="store_true", help="replace an existing plot")
     return parser
 
