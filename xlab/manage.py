@@ -6,6 +6,7 @@
   export-onnx        XLab checkpoint -> ONNX graph (optionally with a KV cache), run with onnxruntime
   inspect            print what a checkpoint holds
   extrapolate        loss and bits per byte by position, past the training context
+  sweep              a grid of overrides x seeds over a base config, each member an xlab.py fit run
   compare            runs or sweeps side by side: a table with error bars over seeds, a plot, HParams
 
 Outputs are written under a temporary name beside the target and renamed when complete: a failed
@@ -191,6 +192,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
     compare(args.runs, plot_path=args.plot, x=args.x, steps_to=args.steps_to, force=args.force)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """A base config (-c files and ./xlab.py fit flags, passed through) expanded by a grid of overrides (--vary) and
+    seeds (--seed_everything=0..N-1), each member an ordinary `./xlab.py fit` run in DIR/NAME/<member>/seed<k>/,
+    the sweep described in DIR/NAME/sweep.json. Rerunning it skips finished members and resumes interrupted ones
+    from their last.ckpt. --launcher slurm submits the members as a SLURM job array (submitit)."""
+    from xlab.sweep import sweep
+
+    base = [arg for config in args.config for arg in ("-c", config)] + args.fit_flags
+    failed = sweep(base, args.vary, args.seeds, args.name, logs=args.logs, launcher=args.launcher,
+                   dry_run=args.dry_run, slurm_time=args.slurm_time, slurm_partition=args.slurm_partition)
+    if failed:  # a run that failed, not bad input: exit 1, as xlab.py's
+        print(f"error: {len(failed)} member(s) failed ({', '.join(failed)}): rerun the same command to resume them",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print the usage too; one line is the contract (as infer.py's)
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -263,11 +280,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--steps-to", type=float, metavar="BPB",
                      help="add a column: the tokens each group needs to reach this val bpb")
     sub.add_argument("--force", action="store_true", help="replace an existing plot")
+
+    sub = command("sweep", cmd_sweep, ckpt_help=None)
+    sub.allow_abbrev = False  # the flags passed through to xlab.py (--seed_everything) are not this command's
+    sub.add_argument("-c", "--config", action="append", default=[], metavar="CONF",
+                     help="config files, in order (other arguments go to ./xlab.py fit as they are)")
+    sub.add_argument("--vary", action="append", default=[], required=True, metavar="KEY=V1,V2",
+                     help="a config key and its values (repeat for a grid)")
+    sub.add_argument("--seeds", type=int, default=1, help="seeds per grid point: --seed_everything=0..N-1 (default 1)")
+    sub.add_argument("--name", required=True, help="the sweep's folder under --logs")
+    sub.add_argument("--logs", default="logs", help="where the sweep's folder goes (default logs)")
+    sub.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                     help="local: one member after another here (default); slurm: a SLURM job array (submitit)")
+    sub.add_argument("--dry-run", action="store_true", help="print what would run or be submitted, run nothing")
+    sub.add_argument("--slurm-time", type=int, default=240, metavar="MIN",
+                     help="time limit of each SLURM job; a member past it is requeued and resumes (default 240)")
+    sub.add_argument("--slurm-partition", help="SLURM partition (default: the cluster's)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, fit_flags = parser.parse_known_args(argv)
+    if fit_flags and args.command != "sweep":  # only sweep passes arguments on (to xlab.py fit)
+        parser.error(f"unrecognized arguments: {' '.join(fit_flags)}")
+    args.fit_flags = fit_flags
     try:
         args.run(args)
     except (CheckpointError, ValueError, OSError) as err:

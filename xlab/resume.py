@@ -10,7 +10,8 @@ resumes at the step's start and trains them again.
 - writes them, with the resume point, into every checkpoint `fit` saves (`checkpoint["xlab"]["consumed"]`), and has
   Lightning's loop state there rewritten to that point (`xlab.loops.rewrite_fit_loop`);
 - hands the position back to the DataModule on resuming (`XLabDataModule.resume_at`);
-- saves `last.ckpt` on SIGTERM (preemption, a SLURM time limit) while training or validating.
+- saves `last.ckpt` on SIGTERM (preemption, a SLURM time limit) while training or validating, and at the end of
+  `fit` when Lightning's last one is older.
 """
 
 from __future__ import annotations
@@ -91,6 +92,14 @@ class Resume(L.Callback):
             self.consumed, resume = legacy_position(checkpoint, pl_module)
         if trainer.state.fn == TrainerFn.FITTING and hasattr(trainer.datamodule, "resume_at"):
             trainer.datamodule.resume_at(**resume)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning writes last.ckpt at validations (and epoch ends) only, and at the end of fit only when it wrote
+        none: steps after the last validation would be lost, and a finished run's last.ckpt would not be its end."""
+        checkpoint = trainer.checkpoint_callback
+        if (isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
+                and checkpoint._last_global_step_saved != trainer.global_step):
+            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On SIGTERM during `fit`, training or validating, save `last.ckpt` before the process exits. Lightning
