@@ -203,6 +203,13 @@ def test_a_run_bounded_by_epochs_resumes_mid_epoch_with_the_progress_bar_countin
         {step: value for step, value in reference.items() if step < per_epoch(work)}, abs=1e-5)
 
 
+def test_a_finished_runs_last_ckpt_is_its_end_when_no_validation_falls_there(work):
+    """Lightning writes last.ckpt at validations, and at the end of fit only if it wrote none: a run of 5 steps
+    validated at step 4 would leave step 4's, and step 5 would be lost to a resume, infer.py and the counters."""
+    fit(work, "ends-between-validations", 5)
+    assert_consumed(last(work, "ends-between-validations"), expected_consumed(work, 5))
+
+
 def test_sigterm_while_training_saves_last_ckpt_and_resumes_exactly(work, straight):
     at = per_epoch(work) + 2 if (per_epoch(work) + 2) % VAL_EVERY else per_epoch(work) + 3  # epoch 1, no validation
     with pytest.raises(SIGTERMException) as stopped:
