@@ -160,6 +160,9 @@ def local_tasks(work: Path) -> None:
 
 # ------------------------------------------------------------------------------ the table: every README command
 
+SWEEP = ("./manage.py sweep -c conf/defaults.yaml --vary model.arch.position=learned,rope,alibi --seeds 3 "
+         "--name positions")
+SWEEP_SMALL = (("learned,rope,alibi", "learned,rope"), ("--seeds 3", "--seeds 1"))  # 2 members, not 9
 NO_SLURM = "a line of the sbatch script: needs a SLURM cluster (srun); the requeue it serves is a resume, run above"
 COMMANDS: dict[str, Skip | Run] = {
     "make train": Skip("the full default experiment (~6 min) in a fresh .venv; its two commands run here, shrunk: "
@@ -194,6 +197,12 @@ COMMANDS: dict[str, Skip | Run] = {
         shrunk(6),
         needs=("./xlab.py fit --trainer.precision=bf16-mixed --model.compile=true --trainer.gradient_clip_val=1.0",),
         check=trained_further("logs/version_3/checkpoints/last.ckpt", 6)),
+    SWEEP + " --dry-run": Run(FIT, subs=SWEEP_SMALL, prints=("--seed_everything=0 ",)),
+    SWEEP: Run(FIT, subs=SWEEP_SMALL,
+               writes=("logs/positions/sweep.json", "logs/positions/position=rope/seed0/checkpoints/last.ckpt",
+                       "logs/positions/position=learned/seed0/config.yaml")),
+    SWEEP + " --launcher slurm": Skip("needs a SLURM cluster (sbatch); tests/test_sweep.py runs the array with "
+                                      "submitit's LocalExecutor, benchmarks/slurm_sweep.sh on a real cluster"),
     "./xlab.py fit -c conf/xlab.yaml -c conf/extra/ddp.yaml": Run(
         f"{FIT} {LOCAL} --trainer.devices=2", prints=("DDP on the CPU: 2 processes per node",)),
     "torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$NODE_RANK --master-addr=node0.example --master-port=29500 "

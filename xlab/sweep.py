@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -36,7 +37,10 @@ from xlab.checkpoint import read_checkpoint_file
 from xlab.transformer import TransformerConfig
 
 SWEEP_FILE = "sweep.json"
-RUN_MEMBER = "from xlab.cli import main; main()"  # `python -c` this: `./xlab.py` with the arguments that follow
+# `python -c` this: `./xlab.py` with the arguments that follow, importing the xlab the sweep runs (not an xlab.py
+# in the working directory, which `-c` would put first)
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+RUN_MEMBER = f"import sys; sys.path[0] = {PACKAGE_ROOT!r}; from xlab.cli import main; main()"
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 SLURM_SIGNAL_DELAY_S = 120  # the time-limit warning comes this long before the end: time to save last.ckpt
 
@@ -258,6 +262,12 @@ def run_local(root: Path, members: list[Member], base: list[str], plans: dict[st
     return failed
 
 
+def ignore_submitit_signal() -> None:
+    """In a member's child: SLURM sends its time-limit and preemption warning (submitit's USR2, whose default action
+    is to end the process) to every process of the job; the child trains on until its parent's SIGTERM."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 @dataclass
 class SlurmMember:
     """A member as a submitit job: it runs the member's training (as run_local does) in a child process; told by
@@ -268,27 +278,38 @@ class SlurmMember:
     run: Path
     max_steps: int
     process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    status: int | None = field(default=None, repr=False, compare=False)  # the child's exit status, once it ended
 
     def __call__(self) -> None:
         command = member_command(self.args, self.run, self.max_steps)
         if command is None:
             return
-        self.process = subprocess.Popen(member_process(command))
-        status = self.process.wait()
-        if status:
-            raise RuntimeError(f"{shown(command)} exited with status {status}")
+        self.process = subprocess.Popen(member_process(command), preexec_fn=ignore_submitit_signal)
+        # reaped in a thread: `checkpoint` runs in a signal handler of this thread, and Popen.wait there would
+        # deadlock on the lock an interrupted Popen.wait holds; both only read `status`
+        threading.Thread(target=self.reap, daemon=True).start()
+        self.wait()
+        if self.status:
+            raise RuntimeError(f"{shown(command)} exited with status {self.status}")
+
+    def reap(self) -> None:
+        self.status = self.process.wait()
+
+    def wait(self) -> None:
+        while self.status is None:
+            time.sleep(0.1)
 
     def checkpoint(self):
-        """Called by submitit (in the signal handler) before it requeues the job."""
+        """Called by submitit (in its signal handler) before it requeues the job."""
         from submitit.helpers import DelayedSubmission
 
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None and self.status is None:
             self.process.send_signal(signal.SIGTERM)  # xlab saves last.ckpt at the next batch boundary, exits 143
-            self.process.wait()
+            self.wait()
         return DelayedSubmission(SlurmMember(self.args, self.run, self.max_steps))
 
     def __getstate__(self) -> dict:  # pickled by submitit: the child process stays behind
-        return {**self.__dict__, "process": None}
+        return {**self.__dict__, "process": None, "status": None}
 
 
 def slurm_resources(plan: Plan, where: str) -> dict:
