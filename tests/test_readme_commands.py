@@ -136,11 +136,6 @@ def two_replies(work: Path, result: subprocess.CompletedProcess) -> None:
     assert result.stdout.count("--- end of reply ---") == 2, result.stdout
 
 
-def five_position_runs(work: Path, result: subprocess.CompletedProcess) -> None:
-    runs = sorted(p.parent.parent.parent.name for p in work.glob("logs/extrap/*/version_0/checkpoints/last.ckpt"))
-    assert runs == sorted(["learned", "sinusoidal", "rope", "alibi", "none"])
-
-
 ONNX_SAMPLE = './infer.py model.onnx "def " --temperature 0.7 --top-p 0.9 --seed 1 --max-new-tokens 60'
 STDOUT: dict[str, str] = {}  # what each command printed on stdout, for commands that compare with another's
 
@@ -162,6 +157,12 @@ def local_tasks(work: Path) -> None:
 
 SWEEP = ("./manage.py sweep -c conf/defaults.yaml --vary model.arch.position=learned,rope,alibi --seeds 3 "
          "--name positions")
+# the README's position ablation: the five types, one seed (not three), named apart from the Sweeps example's
+ABLATION = ("./manage.py sweep --vary model.arch.position=learned,sinusoidal,rope,alibi,none --seeds 3 "
+            "--name positions --model.arch.context=128 --model.arch.d_model=128 --model.arch.n_heads=4 "
+            "--model.arch.n_layers=4 --trainer.max_steps=250 --trainer.val_check_interval=50 "
+            "--trainer.limit_val_batches=10")
+ABLATION_SMALL = (("--seeds 3", "--seeds 1"), ("--name positions", "--name ablation"))
 SWEEP_SMALL = (("learned,rope,alibi", "learned,rope"), ("--seeds 3", "--seeds 1"))  # 2 members, not 9
 NO_SLURM = "a line of the sbatch script: needs a SLURM cluster (srun); the requeue it serves is a resume, run above"
 COMMANDS: dict[str, Skip | Run] = {
@@ -281,26 +282,21 @@ COMMANDS: dict[str, Skip | Run] = {
         subs=(("[CKPT ...] ", ""), CKPT, ("[--split test]", "--split test"), ("[--factor 4]", "--factor 4"),
               ("[--windows N]", "--windows 4"), ("[--plot out.png]", "--plot out4.png")),
         needs=("./xlab.py fit",), writes=("out4.png",)),
-    "for pos in learned sinusoidal rope alibi none; do ./xlab.py fit --model.arch.position=$pos "
-    "--model.arch.context=128 --model.arch.d_model=128 --model.arch.n_heads=4 --model.arch.n_layers=4 "
-    "--trainer.max_steps=250 --trainer.val_check_interval=250 --trainer.limit_val_batches=10 "
-    "--trainer.logger.init_args.save_dir=logs/extrap --trainer.logger.init_args.name=$pos; done": Run(
-        subs=(("--trainer.logger.init_args.name=$pos;", f"--trainer.logger.init_args.name=$pos {FIT};"),),
-        check=five_position_runs),
-    "./manage.py extrapolate logs/extrap/{learned,sinusoidal,rope,alibi,none}/version_0/checkpoints/last.ckpt "
-    "--split test --factor 4 --plot docs/extrapolation.png": Run(
-        needs=("for pos in learned sinusoidal rope alibi none; do ./xlab.py fit --model.arch.position=$pos "
-               "--model.arch.context=128 --model.arch.d_model=128 --model.arch.n_heads=4 --model.arch.n_layers=4 "
-               "--trainer.max_steps=250 --trainer.val_check_interval=250 --trainer.limit_val_batches=10 "
-               "--trainer.logger.init_args.save_dir=logs/extrap --trainer.logger.init_args.name=$pos; done",),
-        writes=("docs/extrapolation.png",), prints=("all 1–32", "all 33–128")),
+    ABLATION: Run(FIT, subs=ABLATION_SMALL, writes=("logs/ablation/position=none/seed0/checkpoints/last.ckpt",)),
+    "./manage.py compare logs/positions --plot docs/positions.png": Run(
+        subs=(("logs/positions", "logs/ablation"),), needs=(ABLATION,), writes=("docs/positions.png",),
+        prints=("| model.arch.position | seeds |", "one seed")),
+    "./manage.py extrapolate logs/positions/position={learned,sinusoidal,rope,alibi,none}/seed{0,1,2}/checkpoints/"
+    "last.ckpt --split test --factor 4": Run(
+        subs=(("logs/positions", "logs/ablation"), ("seed{0,1,2}", "seed0")), needs=(ABLATION,),
+        prints=("all 1–32", "all 33–128")),
+    "./manage.py extrapolate logs/positions/position={learned,sinusoidal,rope,alibi,none}/seed0/checkpoints/"
+    "last.ckpt --split test --factor 4 --plot docs/extrapolation.png": Run(
+        subs=(("logs/positions", "logs/ablation"),), needs=(ABLATION,), writes=("docs/extrapolation.png",)),
     "./manage.py compare RUNS_OR_SWEEPS... [--plot curves.png] [--x time] [--steps-to BPB]": Run(
-        subs=(("RUNS_OR_SWEEPS...", "logs/extrap/*/version_0"), ("[--plot curves.png]", "--plot curves.png"),
+        subs=(("RUNS_OR_SWEEPS...", "logs/ablation"), ("[--plot curves.png]", "--plot curves.png"),
               ("[--x time]", "--x time"), ("[--steps-to BPB]", "--steps-to 100")),
-        needs=("for pos in learned sinusoidal rope alibi none; do ./xlab.py fit --model.arch.position=$pos "
-               "--model.arch.context=128 --model.arch.d_model=128 --model.arch.n_heads=4 --model.arch.n_layers=4 "
-               "--trainer.max_steps=250 --trainer.val_check_interval=250 --trainer.limit_val_batches=10 "
-               "--trainer.logger.init_args.save_dir=logs/extrap --trainer.logger.init_args.name=$pos; done",),
+        needs=(ABLATION,),
         writes=("curves.png",), prints=("| model.arch.position | seeds |", "tokens to val bpb ≤ 100", "one seed")),
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --loss-chunk-size 8192": Skip(
         "a GPU benchmark (benchmarks/gpu_session.sh on a lent GPU), not CI"),
