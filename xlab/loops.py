@@ -1,7 +1,8 @@
 """The adapter to Lightning's training loop: every read or write of its private state happens here.
 
-Lightning has no public API for "is this a logging step", "does this step have micro-batches to come" or "where
-does a checkpoint resume": XLab reads (and, in checkpoints, rewrites) the fit loop's progress counters for them.
+Lightning has no public API for "is this a logging step", "does this step have micro-batches to come", "where
+does a checkpoint resume" or "write last.ckpt now": XLab reads (and, in checkpoints, rewrites) the fit loop's
+progress counters for them, and calls ModelCheckpoint's own last-checkpoint writer.
 They are private and change between releases, so `pyproject.toml` bounds lightning to the releases this file was
 tested with, and `tests/test_resume.py` checks every resume case against a straight run.
 """
@@ -9,6 +10,7 @@ tested with, and `tests/test_resume.py` checks every resume case against a strai
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def is_logging_step(trainer: L.Trainer) -> bool:
@@ -36,10 +38,9 @@ def resume_point(trainer: L.Trainer) -> tuple[int, int, int]:
     step are not saved, so the resume point is that step and those batches are trained again. An epoch whose
     batches are all done resumes at the start of the next."""
     fit_loop = trainer.fit_loop
-    progress = fit_loop.epoch_loop.batch_progress
     epoch = max(fit_loop.epoch_progress.total.started - 1, 0)  # the epoch in progress, or just ended
-    done = progress.current.processed
-    if done >= trainer.num_training_batches or progress.is_last_batch:
+    done = batches_done_in_epoch(trainer)
+    if done >= trainer.num_training_batches or fit_loop.epoch_loop.batch_progress.is_last_batch:
         return epoch + 1, 0, 0
     again = done % trainer.accumulate_grad_batches
     return epoch, done - again, again
@@ -74,3 +75,12 @@ def rewrite_fit_loop(loops: dict, trainer: L.Trainer, validation_pending: bool) 
         val = loops["epoch_loop.val_loop.batch_progress"]
         earlier = val["total"]["completed"] - val["current"]["completed"]
         val.update(total=_counts(earlier + 1, earlier, earlier), current=_counts(1, 0, 0))
+
+
+def save_last_if_behind(trainer: L.Trainer) -> None:
+    """Have ModelCheckpoint (with `save_last`) write last.ckpt now if its last one is of an earlier step: it writes
+    it at validations and epoch ends, and at the end of fit only when it wrote none."""
+    checkpoint = trainer.checkpoint_callback
+    if (isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
+            and checkpoint._last_global_step_saved != trainer.global_step):
+        checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))

@@ -96,10 +96,7 @@ class Resume(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Lightning writes last.ckpt at validations (and epoch ends) only, and at the end of fit only when it wrote
         none: steps after the last validation would be lost, and a finished run's last.ckpt would not be its end."""
-        checkpoint = trainer.checkpoint_callback
-        if (isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
-                and checkpoint._last_global_step_saved != trainer.global_step):
-            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+        loops.save_last_if_behind(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On SIGTERM during `fit`, training or validating, save `last.ckpt` before the process exits. Lightning
