@@ -519,9 +519,13 @@ class XLabDataModule(L.LightningDataModule):
         return kind(dataset, batch_size=h.batch_size, num_workers=h.num_workers,
                     persistent_workers=h.num_workers > 0, pin_memory=on_gpu, **kwargs)
 
+    def ranks(self) -> tuple[int, int]:
+        """(processes, this one's rank): (1, 0) without a trainer."""
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
         windows = self.windows["train"]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        world, rank = self.ranks()
         first = self.train_sampler is None
         self.train_sampler = ShuffledSampler(windows, num_replicas=world, rank=rank, seed=self.hparams.seed)
         if self.resume_state is not None:
@@ -543,7 +547,7 @@ class XLabDataModule(L.LightningDataModule):
         ranks left a window short take one that predicts nothing (`xlab.windows.IgnoredPadding`), rather than a
         repeated window, which would count twice in the loss: every rank runs as many batches, as a sharded
         forward pass needs (a rank with a batch more would wait for the others forever)."""
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        world, rank = self.ranks()
         windows = IgnoredPadding(self.windows[name], world)
         # a DistributedSampler, which Lightning leaves in place; over a multiple of `world` windows it repeats none
         sampler = DistributedSampler(windows, num_replicas=world, rank=rank, shuffle=False)
