@@ -64,6 +64,17 @@ def read_checkpoint_file(path: Path) -> dict:
     return ckpt
 
 
+def run_counters(run: Path) -> tuple[int, int] | None:
+    """A run folder's last.ckpt: its optimizer steps and tokens seen (the exact counters), or None without one
+    (or without tokens seen)."""
+    path = run / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        return None
+    ckpt = read_checkpoint_file(path)
+    tokens = ckpt["xlab"].get("tokens_seen")
+    return (int(ckpt["global_step"]), int(tokens)) if isinstance(tokens, int) else None
+
+
 def read_training_checkpoint(path: Path) -> dict:
     """The `xlab` entry and the model's weights of a Lightning checkpoint (pickle-free load)."""
     ckpt = read_checkpoint_file(path)

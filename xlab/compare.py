@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from xlab.checkpoint import atomic_output, check_output, read_checkpoint_file
+from xlab.checkpoint import atomic_output, check_output, run_counters
 
 SEED = "seed_everything"
 # settings that differ between runs by nature (where the run is filed, what it resumed from), not experiments
@@ -207,23 +207,13 @@ def read_scalars(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, 
     return {tag: value for tag, value in scalars.items() if len(value[0])}, wall
 
 
-def read_counters(folder: Path) -> tuple[int, int] | None:
-    """last.ckpt's optimizer steps and tokens seen (the exact counters), or None without one."""
-    path = folder / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        return None
-    ckpt = read_checkpoint_file(path)
-    tokens = ckpt["xlab"].get("tokens_seen")
-    return (int(ckpt["global_step"]), int(tokens)) if isinstance(tokens, int) else None
-
-
 def is_run(folder: Path) -> bool:
     return (folder / "config.yaml").is_file() and any(folder.glob(EVENTS))
 
 
 def read_run(folder: Path) -> Run:
     scalars, wall = read_scalars(folder)
-    return Run(folder, read_config(folder), scalars, wall, read_counters(folder))
+    return Run(folder, read_config(folder), scalars, wall, run_counters(folder))
 
 
 @dataclass

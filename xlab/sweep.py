@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import yaml
 
-from xlab.checkpoint import read_checkpoint_file
+from xlab.checkpoint import run_counters
 from xlab.transformer import TransformerConfig
 
 SWEEP_FILE = "sweep.json"
@@ -188,9 +188,9 @@ def plan(base: list[str], members: list[Member], root: Path) -> dict[str, Plan]:
 
 
 def steps_done(run: Path) -> int | None:
-    """The optimizer steps of a run folder's last.ckpt (its counters), or None without one."""
-    last = run / "checkpoints" / "last.ckpt"
-    return read_checkpoint_file(last)["xlab"]["consumed"]["steps"] if last.is_file() else None
+    """The optimizer steps of a run folder's last.ckpt, or None without one."""
+    counters = run_counters(run)
+    return None if counters is None else counters[0]
 
 
 def member_command(args: list[str], run: Path, max_steps: int) -> list[str] | None:
