@@ -46,8 +46,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlab.convert import config_from_hf, state_dict_from_hf  # noqa: E402
-from xlab.generate import GenerationConfig, StaticCacheModel, generate  # noqa: E402
-from xlab.transformer import KVCache, OneDNNWeights, Transformer  # noqa: E402
+from xlab.decoding import StaticCacheModel  # noqa: E402
+from xlab.generate import GenerationConfig, generate  # noqa: E402
+from xlab.kernels import OneDNNWeights  # noqa: E402
+from xlab.transformer import KVCache, Transformer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = {  # name: (batch, XLab config fields, HF generate kwargs)

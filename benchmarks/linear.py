@@ -1,4 +1,4 @@
-"""Inference matrix products: `xlab.transformer.Linear` (oneDNN, blocked weight) against `nn.Linear`.
+"""Inference matrix products: `xlab.kernels.Linear` (oneDNN, blocked weight) against `nn.Linear`.
 
 PyTorch's fp32 CPU `nn.Linear` calls MKL, which on non-Intel CPUs runs a generic code path. XLab's
 `Linear` multiplies by a oneDNN copy of the weight with autograd off inside a `OneDNNWeights` scope, as
@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xlab.transformer import ONEDNN, Linear, OneDNNWeights  # noqa: E402
+from xlab.kernels import ONEDNN, Linear, OneDNNWeights  # noqa: E402
 
 
 def seconds_per_call(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:

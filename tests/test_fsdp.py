@@ -32,8 +32,9 @@ from xlab.checkpoint import load_checkpoint
 from xlab.cli import check_hardware, main
 from xlab.data import XLabDataModule
 from xlab.fsdp import full_copy, shard
+from xlab.kernels import OneDNNWeights
 from xlab.loss import IGNORE_INDEX
-from xlab.transformer import OneDNNWeights, Transformer, TransformerConfig
+from xlab.transformer import Transformer, TransformerConfig
 
 STEPS, PEAK_FLOPS = 8, 1e12
 

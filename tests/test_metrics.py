@@ -16,7 +16,7 @@ from test_data import make_corpus
 from test_distributed import DDP, free_port
 from torch.utils.data import DataLoader
 
-from xlab import callbacks, transformer
+from xlab import callbacks, kernels
 from xlab.callbacks import Throughput
 from xlab.data import XLabDataModule
 from xlab.loss import next_token_loss
@@ -216,19 +216,19 @@ def test_training_figures_under_accumulation_are_the_steps_not_the_last_micro_ba
         assert figures.losses[step][-1] != pytest.approx(mean, abs=1e-5)  # the last micro-batch alone differs
 
 
-@pytest.mark.skipif(not transformer.ONEDNN, reason="the oneDNN layers run on x86 CPUs only")
+@pytest.mark.skipif(not kernels.ONEDNN, reason="the oneDNN layers run on x86 CPUs only")
 def test_each_validation_lays_the_weights_out_once_and_sees_the_trained_ones(tmp_path, monkeypatch):
     """An evaluation multiplies by oneDNN copies of the weights, laid out once for it: the next one, after training
     steps, lays them out again (its loss is the trained weights', worked out here by plain forwards)."""
-    layouts, layout = [], transformer._onednn_layout  # those of validation (training lays its own out per product)
-    monkeypatch.setattr(transformer, "_onednn_layout", lambda w: layouts.append(run.validating) or layout(w))
+    layouts, layout = [], kernels._onednn_layout  # those of validation (training lays its own out per product)
+    monkeypatch.setattr(kernels, "_onednn_layout", lambda w: layouts.append(run.validating) or layout(w))
     logger, module = Recorder(), LanguageModel(ARCH)
     run = L.Trainer(max_steps=4, accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=2,
                     default_root_dir=tmp_path, log_every_n_steps=1, logger=logger)
     val = random_batches(2, 2, generator_seed=1)
     run.fit(module, DataLoader(random_batches(4, 2), batch_size=None), DataLoader(val, batch_size=None))
-    linears = sum(isinstance(m, transformer.Linear) for m in module.model.modules())
+    linears = sum(isinstance(m, kernels.Linear) for m in module.model.modules())
     assert sum(layouts) == 2 * linears  # two validations
     with torch.no_grad():  # outside an evaluation: nn.Linear's own product
         expected = sum(next_token_loss(module.model(x), y) for x, y in val) / len(val)

@@ -1,4 +1,4 @@
-"""The static-cache decoding step (`Transformer.step`, `xlab.generate.StaticCacheModel`) against the growing
+"""The static-cache decoding step (`xlab.decoding.decode_step` and `StaticCacheModel`) against the growing
 cache it replaces: the same logits step by step, the same tokens from every strategy, and one compiled graph
 per row count. CUDA graphs need a GPU; what they capture is this step, which these tests hold on the CPU."""
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from xlab.generate import GenerationConfig, StaticCacheModel, generate, stream
+from xlab.decoding import StaticCacheModel, decode_step
+from xlab.generate import GenerationConfig, generate, stream
 from xlab.transformer import KVCache, Transformer, TransformerConfig
 
 VOCAB = 64
@@ -29,7 +30,7 @@ def one_thread():
 
 @pytest.fixture
 def fresh_dynamo():
-    """Dynamo counts graphs of `Transformer.step` for the whole process: start each compiling test from none."""
+    """Dynamo counts graphs of `decode_step` for the whole process: start each compiling test from none."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -71,7 +72,7 @@ def test_step_equals_forward_on_the_growing_cache(position, padded):
         for step in range(model.config.context - P):
             token = torch.tensor([[(7 * step + r) % VOCAB] for r in range(3)])
             expected = model(token, growing, pos, key_mask[:, :P + step + 1])[:, -1]
-            got = model.step(token, static, torch.tensor([P + step]), pos, key_mask)
+            got = decode_step(model, token, static, torch.tensor([P + step]), pos, key_mask)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             pos = pos + 1
     n = growing.length
@@ -140,7 +141,7 @@ def test_inductor_compiled_decoding_gives_the_eager_tokens(fresh_dynamo):
 
 
 def test_past_the_recompile_limit_decoding_goes_on_eagerly(fresh_dynamo):
-    """Dynamo keeps a limited number of graphs of `Transformer.step` for the whole process: past it the step runs
+    """Dynamo keeps a limited number of graphs of `decode_step` for the whole process: past it the step runs
     eagerly, with a warning, and the tokens are the same."""
     model = tiny_model("rope")
     counter = CompileCounter()

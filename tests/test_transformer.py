@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xlab import transformer
+from xlab import kernels
 from xlab.generate import GenerationConfig, generate, stream
+from xlab.kernels import Linear, OneDNNWeights
 from xlab.transformer import (
     MLP,
     KVCache,
-    Linear,
-    OneDNNWeights,
     Transformer,
     TransformerConfig,
     alibi_slopes,
@@ -570,12 +569,12 @@ def test_model_generate_and_stream_follow_writes_through_data():
     assert list(stream(model, idx[1].tolist(), config)) == expected[1]
 
 
-@pytest.mark.skipif(not transformer.ONEDNN, reason="oneDNN's linear ops are used on x86 only")
+@pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN's linear ops are used on x86 only")
 def test_decoding_lays_each_weight_out_once(monkeypatch):
     """The speed the copies buy: one oneDNN layout per linear layer for a whole generate or stream call, and
     none for a plain inference forward (nn.Linear's product then)."""
-    layouts, layout = [], transformer._onednn_layout
-    monkeypatch.setattr(transformer, "_onednn_layout", lambda w: layouts.append(w) or layout(w))
+    layouts, layout = [], kernels._onednn_layout
+    monkeypatch.setattr(kernels, "_onednn_layout", lambda w: layouts.append(w) or layout(w))
     model = model_of(tiny())
     linears = sum(isinstance(m, Linear) for m in model.modules())
     config = GenerationConfig(strategy="greedy", max_new_tokens=5, compile=False)

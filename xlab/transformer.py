@@ -3,8 +3,8 @@
 One config dataclass expresses GPT-2, Llama and the variants between them: position
 encoding, norm type and placement, MLP activation, grouped-query attention, QK-norm,
 dropout, weight tying. `KVCache` holds preallocated keys and values for incremental
-decoding, and `Transformer.step` decodes one token in fixed shapes (what CUDA graphs capture).
-Nothing here imports Lightning: the module can be lifted out on its own.
+decoding. Nothing here imports Lightning: the module (with `xlab.kernels`, its CPU kernels) can be lifted out
+on its own; `xlab.decoding` adds the fixed-shape decoding step that CUDA graphs capture.
 
 Shapes: B batch, T new tokens, S keys (cached + new), H query heads, G key/value heads,
 D head dimension, C model width, V vocabulary.
@@ -13,14 +13,14 @@ D head dimension, C model width, V vocabulary.
 from __future__ import annotations
 
 import math
-import platform
-import threading
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from xlab.kernels import Linear, swiglu
 
 
 @dataclass
@@ -116,22 +116,6 @@ class KVCache:
         self.v = self.v.index_select(1, index)
 
 
-class _SlotWrite:
-    """A `KVCache` as `Transformer.step` uses it: each layer's new keys and values go to a slot given as a tensor
-    (1,), and attention reads the whole buffers (B, G, max_len, D), the slots after it masked. The shapes are the
-    same at every step, so one compiled graph (one CUDA graph) serves them all."""
-
-    def __init__(self, cache: KVCache, slot: Tensor):
-        self.cache, self.slot = cache, slot
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, G, 1, D) at the slot; return all keys and values (B, G, max_len, D)."""
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys.index_copy_(2, self.slot, k)
-        values.index_copy_(2, self.slot, v)
-        return keys, values
-
-
 def alibi_slopes(n_heads: int) -> Tensor:
     """Head slopes of ALiBi (Press et al.), with the paper's rule for non-powers of two."""
     def powers(n: int) -> list[float]:
@@ -174,149 +158,6 @@ def make_norm(config: TransformerConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
-
-
-def _onednn_layout(weight: Tensor) -> Tensor:
-    """A copy of weight (out, in) in oneDNN's blocked layout: about 2x faster than the plain one for 2+ rows."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight)
-
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (..., in) @ weight.T + bias; weight (out, in) from `_onednn_layout`."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class _OneDNNLinearFn(torch.autograd.Function):
-    """A training linear layer with its forward and input gradient on oneDNN.
-
-    The weight gradient, a product summed over every row of the batch, stays on PyTorch's matmul: oneDNN
-    is no faster there. The weight is laid out afresh each step, as the optimizer changes it.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, _onednn_layout(weight), bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # grad (..., out) @ weight (out, in): a linear layer of weight.T
-            grad_x = _onednn_linear(grad, _onednn_layout(weight.t().contiguous()), None)
-        rows = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-class OneDNNWeights:
-    """oneDNN copies of `Linear` weights, kept for one decoding or evaluation call.
-
-    Inside `with weights:`, each `Linear`'s inference forward (autograd off) multiplies by a copy of its weight
-    in oneDNN's layout, made on that layer's first such forward and held by this object until it is dropped.
-    The copies serve only inside its `with`, so no write to a weight outside it (an optimizer step, `.data`,
-    numpy, FSDP's gathers) can leave one stale; the weights must not change inside. The same object may be
-    entered again (a streamed generation enters it around each step); scopes nest, the innermost serving, and
-    each thread has its own.
-    """
-
-    def __init__(self) -> None:
-        self.copies: dict[Linear, Tensor] = {}
-
-    def __enter__(self) -> OneDNNWeights:
-        _SCOPES.open.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _SCOPES.open.pop()
-
-    def of(self, layer: Linear) -> Tensor:
-        """layer's weight (out, in) in oneDNN's layout, laid out on the first call."""
-        if layer not in self.copies:
-            self.copies[layer] = _onednn_layout(layer.weight.detach())
-        return self.copies[layer]
-
-
-class _Scopes(threading.local):
-    """This thread's open `OneDNNWeights` scopes, innermost last."""
-
-    def __init__(self) -> None:
-        self.open: list[OneDNNWeights] = []
-
-
-_SCOPES = _Scopes()
-
-
-class Linear(nn.Linear):
-    """nn.Linear that multiplies on oneDNN on the CPU.
-
-    PyTorch's fp32 CPU matmul goes through MKL, which runs a generic code path on non-Intel CPUs: on the
-    AMD EPYC our CI runs on, oneDNN computes the same product 1.7-4x faster at every row count
-    (benchmarks/linear.py), given the weight in oneDNN's layout. With autograd off, inside a `OneDNNWeights`
-    scope (`generate`, `stream`), the weight is laid out once per scope: one more copy of the weights in
-    memory while it lasts. Outside any scope this is plain nn.Linear: laying the weight out for a single
-    product costs more than MKL's product. In training, `_OneDNNLinearFn` runs the forward and the input
-    gradient. Under autocast, tracing, compiling or export, or off the CPU, this is plain nn.Linear.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out)."""
-        if not self._onednn_applies(x):
-            return super().forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
-        if _SCOPES.open:
-            return _onednn_linear(x, _SCOPES.open[-1].of(self), self.bias)
-        return super().forward(x)
-
-    def _onednn_applies(self, x: Tensor) -> bool:
-        return (ONEDNN and not torch.compiler.is_compiling() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-                and not torch.onnx.is_in_onnx_export())
-
-
-# x86 only: measured there; elsewhere (ARM) PyTorch's own BLAS choice is kept
-ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() and all(
-    hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up from the fused (..., 2F) projection; (..., F) out.
-
-    Autograd's version keeps three (..., F) tensors for backward (gate, up, silu(gate)); this keeps
-    only the fused input, the same memory as two, and recomputes silu(gate) in backward: one cheap
-    elementwise pass for a third less MLP activation memory.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor) -> Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (h,) = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)  # written in place
-        return grad_h
-
-
-def swiglu(h: Tensor) -> Tensor:
-    """silu(gate) * up for h (..., 2F) = [gate | up]; (..., F)."""
-    if torch.is_grad_enabled() and h.requires_grad:
-        return _SwiGLU.apply(h)
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class Attention(nn.Module):
@@ -496,20 +337,6 @@ class Transformer(nn.Module):
         """
         return self.logits(self.features(idx, cache, positions, key_mask))
 
-    def step(self, idx: Tensor, cache: KVCache, slot: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
-        """One decoding step in fixed shapes: logits (B, V) for one token per row, idx (B, 1).
-
-        The tokens' keys and values go to cache slot `slot`, a (1,) long tensor, and attention spans every slot
-        of the cache, those after `slot` masked: no shape and no Python value changes from one step to the next,
-        and nothing waits for the device, so `torch.compile` captures one graph (a CUDA graph) for all steps.
-        positions (B, 1) long: each row's position, below the context (within the precomputed tables).
-        key_mask (B, S) bool over all S = cache.max_len slots: False marks padding. cache.length is not touched:
-        the caller keeps count. The same logits as `forward(idx, cache, ...)` at cache.length == slot.
-        """
-        x, rope = self.embed(idx, positions, None)
-        mask = self.slot_mask(positions, slot, cache.max_len, key_mask, x.dtype)
-        return self.logits(self.run_blocks(x, rope, mask, _SlotWrite(cache, slot)))[:, -1]
-
     def logits(self, features: Tensor) -> Tensor:
         """The language-model head: features (..., C) from `features` -> logits (..., V)."""
         return self.lm_head(features)[..., : self.config.vocab_size]
@@ -572,7 +399,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def __getstate__(self) -> dict:
-        # what generation keeps on the model (`xlab.generate.StaticCacheModel`: compiled code, caches) is not copied
+        # what generation keeps on the model (`xlab.decoding.StaticCacheModel`: compiled code, caches) is not copied
         return {k: v for k, v in super().__getstate__().items() if k != "_static_decoding"}
 
     def scaled_sinusoid(self, length: int, start: int = 0) -> Tensor:
