@@ -21,10 +21,11 @@ from xlab import loops
 from xlab.checkpoint import load_checkpoint
 from xlab.fsdp import full_copy, shard
 from xlab.generate import GenerationConfig, generate
+from xlab.kernels import OneDNNWeights
 from xlab.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, target_losses
 from xlab.optim import Schedule, param_groups
 from xlab.resume import Resume
-from xlab.transformer import OneDNNWeights, Transformer, TransformerConfig
+from xlab.transformer import Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 
