@@ -224,8 +224,9 @@ def hf_config_from_xlab(config: TransformerConfig, **overrides):
     """
     import transformers
 
+    # neither has a soft cap (Gemma 2's final_logit_softcapping is a third architecture); ReLU² fails the mlp checks
     common = [("prenorm", config.prenorm, [True]), ("final_norm", config.final_norm, [True]),
-              ("qk_norm", config.qk_norm, [False])]
+              ("qk_norm", config.qk_norm, [False]), ("logit_softcap", config.logit_softcap, [None])]
     tokens = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if config.position == "learned":
         _check("gpt2", [*common, ("norm", config.norm, ["layernorm"]), ("norm_bias", config.norm_bias, [True]),

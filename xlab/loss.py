@@ -35,29 +35,38 @@ def _compute_dtype(features: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(features.dtype, weight.dtype)
 
 
-def _chunk_losses(features: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _chunk_losses(features: Tensor, weight: Tensor, targets: Tensor,
+                  softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk's logits, at least float32 (n, V), their logsumexp (n,) and the losses (n,), 0 at IGNORE_INDEX.
 
-    features (n, C) and weight (V, C) in the compute dtype; targets (n,)."""
+    features (n, C) and weight (V, C) in the compute dtype; targets (n,). softcap: the logits are
+    softcap * tanh(logits / softcap), as `Transformer.logits` caps them, or None."""
     logits = (features @ weight.T).to(torch.promote_types(features.dtype, torch.float32))
+    if softcap is not None:  # in place: the product is this chunk's own
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
     lse = logits.logsumexp(-1)
     target_logits = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
     return logits, lse, torch.where(targets != IGNORE_INDEX, lse - target_logits, 0)
 
 
 def _chunk_grads(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor, features: Tensor,
-                 weight: Tensor) -> tuple[Tensor, Tensor]:
+                 weight: Tensor, softcap: float | None) -> tuple[Tensor, Tensor]:
     """The gradients of sum(scale * losses) of a chunk w.r.t. its features (n, C) and weight (V, C).
 
     d loss / d logits = (softmax - onehot(target)) * scale per row, written over `logits` (n, V), which is then
-    spent; scale (n,) is 0 at IGNORE_INDEX. The products run in the features' (compute) dtype, as autocast would
+    spent; scale (n,) is 0 at IGNORE_INDEX. Soft-capped logits c = s tanh(z / s) pass it on to the raw ones z
+    times dc/dz = 1 - tanh²(z / s) = 1 - (c / s)². The products run in the features' (compute) dtype, as autocast would
     run a Linear's backward, except float16's, which run in float32: a GradScaler's scale comes only in backward,
     and without it float16 flushes a large vocabulary's gradients (1 / V / N = 3e-8 at V = 8192 and N = 4096,
     float16's least step 6e-8) to zero."""
+    slope = None if softcap is None else 1 - (logits / softcap).square()  # before `logits` is overwritten
     grad = logits.sub_(lse[:, None]).exp_()
     grad.scatter_add_(1, targets.clamp(min=0)[:, None], torch.full_like(grad[:, :1], -1))
     dtype = torch.float32 if features.dtype == torch.float16 else features.dtype
-    grad = grad.mul_(torch.where(targets != IGNORE_INDEX, scale, 0)[:, None]).to(dtype)
+    grad = grad.mul_(torch.where(targets != IGNORE_INDEX, scale, 0)[:, None])
+    if slope is not None:
+        grad = grad.mul_(slope)
+    grad = grad.to(dtype)
     return grad @ weight.to(dtype), grad.T @ features.to(dtype)
 
 
@@ -80,7 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, chunk_size: int,
-                mean: bool, predict: bool, grads: bool) -> tuple[Tensor, Tensor | None]:
+                mean: bool, predict: bool, grads: bool, softcap: float | None) -> tuple[Tensor, Tensor | None]:
         dtype = _compute_dtype(features, weight)
         with torch.autocast(features.device.type, enabled=False):  # the casts are explicit, autocast's own
             f, w = features.to(dtype), weight[:vocab_size].to(dtype)
@@ -93,15 +102,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_features = torch.empty_like(features, dtype=torch.promote_types(features.dtype, torch.float32))
                 grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
             for rows in _chunks(len(targets), chunk_size):
-                logits, lse, chunk_losses = _chunk_losses(f[rows], w, targets[rows])
+                logits, lse, chunk_losses = _chunk_losses(f[rows], w, targets[rows], softcap)
                 losses[rows] = chunk_losses
                 if predict:
                     predictions[rows] = logits.argmax(-1)
                 if precomputed:
-                    grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], scale, f[rows], w)
+                    grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], scale, f[rows], w, softcap)
                     grad_features[rows] = grad_f
                     grad_weight[:vocab_size] += grad_w
-        ctx.vocab_size, ctx.chunk_size, ctx.precomputed = vocab_size, chunk_size, precomputed
+        ctx.vocab_size, ctx.chunk_size, ctx.precomputed, ctx.softcap = vocab_size, chunk_size, precomputed, softcap
         if precomputed:
             ctx.save_for_backward(grad_features, grad_weight)
             ctx.dtypes = features.dtype, weight.dtype
@@ -117,22 +126,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.precomputed:
             grad_features, grad_weight = ctx.saved_tensors
             return ((grad_features * grad_loss).to(ctx.dtypes[0]), (grad_weight * grad_loss).to(ctx.dtypes[1]),
-                    None, None, None, None, None, None)
+                    None, None, None, None, None, None, None)
         features, weight, targets = ctx.saved_tensors
         dtype = _compute_dtype(features, weight)
         with torch.autocast(features.device.type, enabled=False):
             f, w = features.to(dtype), weight[: ctx.vocab_size].to(dtype)
             grad_features, grad_weight = torch.empty_like(features), torch.zeros_like(weight)
             for rows in _chunks(len(targets), ctx.chunk_size):
-                logits, lse, _ = _chunk_losses(f[rows], w, targets[rows])
-                grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], grad_loss[rows], f[rows], w)
+                logits, lse, _ = _chunk_losses(f[rows], w, targets[rows], ctx.softcap)
+                grad_f, grad_w = _chunk_grads(logits, lse, targets[rows], grad_loss[rows], f[rows], w, ctx.softcap)
                 grad_features[rows] = grad_f
                 grad_weight[: ctx.vocab_size] += grad_w
-        return grad_features, grad_weight, None, None, None, None, None, None
+        return grad_features, grad_weight, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, chunk_size: int,
-                         reduction: str = "mean", predict: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                         reduction: str = "mean", predict: bool = False,
+                         softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of the logits features @ weight[:vocab_size].T against targets, skipping IGNORE_INDEX, without
     ever holding more than `chunk_size` rows of logits (chunk_size, vocab_size).
 
@@ -140,7 +150,8 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, voca
     padded for speed) are no logits, and get zero gradient; targets (N,). Under autocast the products run in its dtype
     as a Linear's would, and each chunk's log-sum-exp in float32. reduction "mean": the mean over non-ignored targets
     (NaN if there are none, as `F.cross_entropy`'s, with zero gradients); "none": the losses (N,), 0 at IGNORE_INDEX.
-    predict: also return the argmax of each row's logits (N,), for accuracy.
+    predict: also return the argmax of each row's logits (N,), for accuracy. softcap: the loss of the soft-capped
+    logits softcap * tanh(logits / softcap), computed in float32 as `Transformer.logits` does (None: uncapped).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -148,5 +159,5 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, voca
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     grads = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)
     loss, predictions = _LinearCrossEntropy.apply(features, weight, targets, vocab_size, chunk_size,
-                                                  reduction == "mean", predict, grads)
+                                                  reduction == "mean", predict, grads, softcap)
     return (loss, predictions) if predict else loss

@@ -110,7 +110,7 @@ class OnnxDecoder(nn.Module):
                 x = _norm(block.norm2, x + block.mlp(x))
             keys.append(k)
             values.append(v)
-        logits = m.lm_head(_norm(m.norm, x))[..., : c.vocab_size]
+        logits = m.logits(_norm(m.norm, x))  # the head, and the soft cap if the model has one
         if self.kv_cache:
             return logits, torch.stack(keys), torch.stack(values)
         return logits

@@ -2,7 +2,8 @@
 
 One config dataclass expresses GPT-2, Llama and the variants between them: position
 encoding, norm type and placement, MLP activation, grouped-query attention, QK-norm,
-dropout, weight tying. `KVCache` holds preallocated keys and values for incremental
+dropout, weight tying, and the speedrun's (modded-nanogpt's) ReLU², logit soft-capping and
+zero-initialised output projections. `KVCache` holds preallocated keys and values for incremental
 decoding. Nothing here imports Lightning: the module (with `xlab.kernels`, its CPU kernels) can be lifted out
 on its own; `xlab.decoding` adds the fixed-shape decoding step that CUDA graphs capture.
 
@@ -41,14 +42,16 @@ class TransformerConfig:
     norm_bias: bool = True
     prenorm: bool = True
     final_norm: bool = True
-    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "relu", "relu2", "swiglu"] = "gelu"
     bias: bool = True
     qk_norm: bool = False
     tie_embeddings: bool = True
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap), in float32 (Gemma 2, modded-nanogpt)
     dropout_embed: float = 0.0
     dropout_attn: float = 0.0
     dropout_resid: float = 0.0
     init_std: float = 0.02
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero (modded-nanogpt)
     pad_vocab_to: int = 1  # round the embedding rows up to a multiple (64 helps GPU matmuls)
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class TransformerConfig:
              f"RoPE needs an even head dimension, got d_model/n_heads={self.head_dim}"),
             (min(self.vocab_size, self.context, self.n_layers, self.pad_vocab_to) > 0,
              "vocab_size, context, n_layers and pad_vocab_to must be positive"),
+            (self.logit_softcap is None or self.logit_softcap > 0,
+             f"logit_softcap must be positive or None, got {self.logit_softcap}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -254,6 +259,13 @@ def attention_maps(model: Transformer, idx: Tensor) -> Tensor:
     return torch.stack(maps)
 
 
+class ReLU2(nn.Module):
+    """relu(x)², the MLP activation Primer (So et al., 2021) found and modded-nanogpt trains with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -263,7 +275,7 @@ class MLP(nn.Module):
         self.down = Linear(config.ff_dim, config.d_model, bias=config.bias)
         # swiglu's SiLU is applied by `swiglu`, fused with the gating product
         self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
-                    "relu": nn.ReLU(), "swiglu": nn.SiLU()}[config.mlp]
+                    "relu": nn.ReLU(), "relu2": ReLU2(), "swiglu": nn.SiLU()}[config.mlp]
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, C) -> (B, T, C)."""
@@ -315,14 +327,18 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, std), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        """GPT-2 initialisation: N(0, std), residual output projections scaled by 1/sqrt(2 n_layers), or zero with
+        `zero_init_proj`: then every block starts as the identity and the model as embeddings and head alone."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
             residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
             scale = 1 / math.sqrt(2 * self.config.n_layers) if residual else 1
-            nn.init.normal_(p, mean=0.0, std=std * scale)
+            if residual and self.config.zero_init_proj:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std * scale)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -338,8 +354,13 @@ class Transformer(nn.Module):
         return self.logits(self.features(idx, cache, positions, key_mask))
 
     def logits(self, features: Tensor) -> Tensor:
-        """The language-model head: features (..., C) from `features` -> logits (..., V)."""
-        return self.lm_head(features)[..., : self.config.vocab_size]
+        """The language-model head: features (..., C) from `features` -> logits (..., V); soft-capped ones in
+        float32, where tanh does not round logits near the cap together (modded-nanogpt's choice)."""
+        logits = self.lm_head(features)[..., : self.config.vocab_size]
+        if self.config.logit_softcap is None:
+            return logits
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap)
 
     def features(self, idx: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
                  key_mask: Tensor | None = None) -> Tensor:
