@@ -89,6 +89,8 @@ def test_config_from_hf_fields():
     assert (config.position, config.norm, config.norm_bias, config.mlp, config.bias, config.ff_dim) == (
         "learned", "layernorm", True, "gelu_tanh", True, 128)
     assert (config.tie_embeddings, config.dropout_resid, config.dropout_embed) == (True, 0.2, 0.1)
+    # options Hugging Face's GPT-2 and Llama do not have stay off
+    assert (config.logit_softcap, config.zero_init_proj) == (None, False)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa-theta"])
@@ -118,6 +120,8 @@ XLAB_CONFIGS = {
                               "n_kv_heads": 2, "pad_vocab_to": 64, "rope_theta": 300.0, "d_ff": 72},
     "llama-mqa": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_heads": 1,
                   "norm_eps": 1e-6, "tie_embeddings": False},
+    # an initialisation only: the zero projections export as any weights
+    "gpt2-zero-init": {"position": "learned", "mlp": "gelu_tanh", "zero_init_proj": True},
 }
 
 
@@ -163,6 +167,10 @@ def test_xlab_to_hf_same_logits(name):
     ({"n_kv_heads": 2}, "n_kv_heads=2"),
     ({"position": "rope", "norm": "rmsnorm", "mlp": "gelu"}, "mlp='gelu'"),
     ({"position": "rope", "mlp": "swiglu"}, "norm='layernorm'"),
+    ({"mlp": "relu2"}, "mlp='relu2'"),
+    ({"position": "rope", "norm": "rmsnorm", "mlp": "relu2"}, "mlp='relu2'"),
+    ({"logit_softcap": 15.0}, "logit_softcap=15.0"),
+    ({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "logit_softcap": 30.0}, "logit_softcap=30.0"),
 ])
 def test_unmappable_xlab_options_raise(fields, option):
     config = TransformerConfig(vocab_size=V, context=T, n_layers=1, n_heads=4, d_model=32, **fields)

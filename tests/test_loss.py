@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import lightning as L
@@ -36,21 +37,32 @@ def loss_and_grads(fn, features, weight, targets, upstream):
     return (loss.detach(), *torch.autograd.grad((loss * upstream).sum(), (features, weight)))
 
 
-def reference(reduction: str):
-    """F.cross_entropy on the full logits of the first VOCAB rows: the unfused loss."""
-    return lambda f, w, t: F.cross_entropy(f @ w[:VOCAB].T, t, ignore_index=IGNORE_INDEX, reduction=reduction)
+def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Soft-capped logits, softcap * tanh(logits / softcap); softcap None: the logits as they are."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def reference(reduction: str, softcap: float | None = None):
+    """F.cross_entropy on the full logits of the first VOCAB rows, soft-capped if asked: the unfused loss."""
+    return lambda f, w, t: F.cross_entropy(capped(f @ w[:VOCAB].T, softcap), t, ignore_index=IGNORE_INDEX,
+                                           reduction=reduction)
+
+
+SOFTCAPS = [None, 1.5]  # the logits (std ~2, up to ~10) go well past a cap of 1.5
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 23, 64])  # 5 leaves a chunk of 3; 64 > N is one chunk
-def test_loss_and_gradients_match_cross_entropy_of_the_full_logits(dtype, tolerance, reduction, chunk_size):
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+def test_loss_and_gradients_match_cross_entropy_of_the_full_logits(dtype, tolerance, reduction, chunk_size, softcap):
     features, weight, targets = inputs(dtype)
     # per-token losses get a different incoming gradient each, as a weighted sum of them would give
     upstream = torch.linspace(-1, 2, N, dtype=dtype) if reduction == "none" else torch.tensor(1.5, dtype=dtype)
-    chunked = loss_and_grads(lambda f, w, t: linear_cross_entropy(f, w, t, VOCAB, chunk_size, reduction),
+    chunked = loss_and_grads(lambda f, w, t: linear_cross_entropy(f, w, t, VOCAB, chunk_size, reduction,
+                                                                  softcap=softcap),
                              features, weight, targets, upstream)
-    expected = loss_and_grads(reference(reduction), features, weight, targets, upstream)
+    expected = loss_and_grads(reference(reduction, softcap), features, weight, targets, upstream)
     for ours, theirs in zip(chunked, expected, strict=True):
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
@@ -91,18 +103,19 @@ def test_all_targets_ignored_gives_a_nan_mean_and_zero_gradients_as_cross_entrop
 
 
 @pytest.mark.parametrize("features_dtype", [torch.float32, torch.bfloat16])  # a final LayerNorm's, or a Linear's
-def test_bf16_autocast_is_close_to_the_unfused_bf16_path(features_dtype):
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+def test_bf16_autocast_is_close_to_the_unfused_bf16_path(features_dtype, softcap):
     features, weight, targets = inputs(torch.float32)  # weight: the float32 master copy
     features = features.to(features_dtype)
 
-    def unfused(f, w, t):  # as the model's head and next_token_loss run under autocast
-        return F.cross_entropy(F.linear(f, w)[:, :VOCAB].float(), t, ignore_index=IGNORE_INDEX)
+    def unfused(f, w, t):  # as the model's head (soft cap in float32) and next_token_loss run under autocast
+        return F.cross_entropy(capped(F.linear(f, w)[:, :VOCAB].float(), softcap), t, ignore_index=IGNORE_INDEX)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        chunked = loss_and_grads(lambda f, w, t: linear_cross_entropy(f, w, t, VOCAB, 5), features, weight,
-                                 targets, 1.0)
+        chunked = loss_and_grads(lambda f, w, t: linear_cross_entropy(f, w, t, VOCAB, 5, softcap=softcap), features,
+                                 weight, targets, 1.0)
         expected = loss_and_grads(unfused, features, weight, targets, 1.0)
-    exact = loss_and_grads(reference("mean"), features.double(), weight.double(), targets, 1.0)
+    exact = loss_and_grads(reference("mean", softcap), features.double(), weight.double(), targets, 1.0)
     (loss, grad_features, grad_weight), (loss_bf16, grad_features_bf16, grad_weight_bf16) = chunked, expected
     assert (loss.dtype, grad_features.dtype, grad_weight.dtype) == (torch.float32, features_dtype, torch.float32)
     # the loss and the features' gradient are the unfused path's to float32 rounding, far closer than to the exact
@@ -150,6 +163,9 @@ def test_bad_arguments_are_one_line_errors():
 
 
 ARCH = TransformerConfig(vocab_size=VOCAB, pad_vocab_to=16, context=8, n_layers=1, n_heads=2, d_model=16)
+# logits of std ~2 (init_std 0.5), which a cap of 2 bends: a loss that skipped it would differ
+SOFTCAPPED = dataclasses.replace(ARCH, init_std=0.5, logit_softcap=2.0)
+ARCHES = pytest.mark.parametrize("arch", [ARCH, SOFTCAPPED], ids=["plain", "softcap"])
 
 
 def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -160,34 +176,36 @@ def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def evaluation(chunk_size: int) -> dict[str, float]:
+def evaluation(arch: TransformerConfig, chunk_size: int) -> dict[str, float]:
     torch.manual_seed(0)
-    module = LanguageModel(ARCH, loss_chunk_size=chunk_size)
+    module = LanguageModel(arch, loss_chunk_size=chunk_size)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     [logged] = trainer.validate(module, DataLoader(batches(3), batch_size=None), verbose=False)
     return logged
 
 
-def test_module_evaluation_with_the_chunked_loss_matches_the_full_logits():
-    full, chunked = evaluation(0), evaluation(5)
+@ARCHES
+def test_module_evaluation_with_the_chunked_loss_matches_the_full_logits(arch):
+    full, chunked = evaluation(arch, 0), evaluation(arch, 5)
     assert full.keys() == chunked.keys() >= {"val/loss", "val/accuracy", "val/perplexity"}
     for name, value in full.items():
         assert chunked[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     # and against the full logits computed here: the mean loss over the real targets
     torch.manual_seed(0)
-    model = LanguageModel(ARCH).model.eval()
+    model = LanguageModel(arch).model.eval()
     with torch.no_grad():
         logits = torch.cat([model(x) for x, _ in batches(3)]).flatten(0, 1)
     targets = torch.cat([y for _, y in batches(3)]).flatten()
     assert chunked["val/loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
 
 
-def test_module_training_step_with_the_chunked_loss_matches_the_full_logits():
+@ARCHES
+def test_module_training_step_with_the_chunked_loss_matches_the_full_logits(arch):
     grads = []
     for chunk_size in (0, 7):
         torch.manual_seed(0)
-        module = LanguageModel(ARCH, loss_chunk_size=chunk_size)
+        module = LanguageModel(arch, loss_chunk_size=chunk_size)
         loss, predictions = module.step(batches(1)[0], predict=True)
         loss.backward()
         grads.append((loss.detach(), predictions, {n: p.grad for n, p in module.named_parameters()}))

@@ -23,6 +23,8 @@ CONFIGS = {
     "other": dict(position="alibi", prenorm=False, qk_norm=True, mlp="relu", final_norm=False, tie_embeddings=False,
                   n_kv_heads=1, pad_vocab_to=64),
     "sinusoidal": dict(position="sinusoidal", norm="rmsnorm", bias=False, mlp="gelu"),
+    # the speedrun's options (the zero projections only start the weights, which the checkpoint randomises)
+    "speedrun": dict(mlp="relu2", logit_softcap=2.0, zero_init_proj=True),
 }
 
 

@@ -51,11 +51,16 @@ def tokens_of(results) -> list[list[list[int]]]:
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # left-padded together: positions and key masks
 
 
-@pytest.mark.parametrize("position", POSITIONS)
+# each position encoding (RoPE's with QK-norm), and the speedrun's ReLU² and soft-capped logits
+STEP_ARCHES = {position: {"position": position, "qk_norm": position == "rope"} for position in POSITIONS} | {
+    "relu2-softcap": {"position": "rope", "mlp": "relu2", "logit_softcap": 2.0}}
+
+
+@pytest.mark.parametrize("arch", list(STEP_ARCHES))
 @pytest.mark.parametrize("padded", [False, True])
-def test_step_equals_forward_on_the_growing_cache(position, padded):
+def test_step_equals_forward_on_the_growing_cache(arch, padded):
     """Each step's logits and the keys/values it writes equal `forward` on today's growing cache."""
-    model = tiny_model(position, qk_norm=position == "rope")
+    model = tiny_model(**STEP_ARCHES[arch])
     prompts = PROMPTS if padded else [p[:2] for p in PROMPTS]
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])

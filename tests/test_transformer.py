@@ -79,6 +79,8 @@ def ref_activation(h, kind):
         return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
     if kind == "relu":
         return torch.where(h > 0, h, torch.zeros_like(h))
+    if kind == "relu2":
+        return torch.where(h > 0, h * h, torch.zeros_like(h))
     gate, up = h[..., : h.shape[-1] // 2], h[..., h.shape[-1] // 2:]  # swiglu: gate rows first
     return gate * torch.sigmoid(gate) * up
 
@@ -145,7 +147,9 @@ def reference_forward(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
             x = ref_norm(x + mlp(x), block.norm2, config)
     if config.final_norm:
         x = ref_norm(x, model.norm, config)
-    return (x @ model.lm_head.weight.T)[..., : config.vocab_size]
+    logits = (x @ model.lm_head.weight.T)[..., : config.vocab_size]
+    cap = config.logit_softcap
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 REFERENCE_CONFIGS = {
@@ -160,6 +164,7 @@ REFERENCE_CONFIGS = {
     "none-qknorm": {"position": "none", "qk_norm": True, "norm_bias": False},
     "qknorm-rope-rms": {"position": "rope", "qk_norm": True, "norm": "rmsnorm", "n_kv_heads": 2},
     "padded-vocab": {"pad_vocab_to": 64, "tie_embeddings": False},
+    "relu2-softcap": {"position": "rope", "norm": "rmsnorm", "mlp": "relu2", "logit_softcap": 2.0, "n_kv_heads": 2},
 }
 
 
@@ -174,7 +179,7 @@ def test_forward_matches_naive_reference(name):
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "alibi-6-heads", "qknorm-rope-rms"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "alibi-6-heads", "qknorm-rope-rms", "relu2-softcap"])
 def test_gradients_match_naive_reference(name):
     """Backward too (the fused SwiGLU has its own), in float64. The RoPE tables are computed in float32 (as in
     Hugging Face), hence a relative tolerance of 1e-5 of each gradient's scale rather than float64 precision."""
@@ -231,7 +236,7 @@ def test_rmsnorm_matches_formula():
     torch.testing.assert_close(norm(x), expected)
 
 
-@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "relu", "swiglu"])
+@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "relu", "relu2", "swiglu"])
 def test_mlp_matches_functional_formulas(kind):
     torch.manual_seed(0)
     mlp = MLP(tiny(mlp=kind, d_ff=48))
@@ -241,12 +246,27 @@ def test_mlp_matches_functional_formulas(kind):
     if kind == "swiglu":
         expected = F.linear(F.silu(h[..., :48]) * h[..., 48:], mlp.down.weight, mlp.down.bias)
     else:
-        act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}[kind]
+        act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
+               "relu2": lambda t: F.relu(t) ** 2}[kind]
         expected = F.linear(act(h), mlp.down.weight, mlp.down.bias)
     out = mlp(x)
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+
+
+def test_soft_capped_logits_are_cap_tanh_of_the_head_output():
+    """Logits c·tanh(z / c) of the head's output z, worked out here from the final features: below the cap in
+    magnitude where z goes well past it, and float32 under bfloat16 autocast (tanh would round them together)."""
+    model = model_of(tiny(logit_softcap=1.5))
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        raw, logits = model.features(idx) @ model.lm_head.weight.T, model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(idx).dtype == torch.float32
+    assert raw.abs().max() > 3  # the cap bites
+    assert logits.abs().max() < 1.5
+    torch.testing.assert_close(logits, 1.5 * torch.tanh(raw / 1.5))
 
 
 # --------------------------------------------------------------------------- causality, tying, init, dropout
@@ -293,6 +313,27 @@ def test_gpt2_init_statistics():
             assert torch.all(p == 0), name
         else:  # norm gains
             assert torch.all(p == 1), name
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity_and_they_still_learn():
+    """With zero output projections (and biases) each block adds nothing: the logits are the head's on the normed
+    embeddings, worked out here. The projections get gradients at once (the rest of each block, once they are no
+    longer zero)."""
+    config = tiny(zero_init_proj=True)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            assert torch.all(p == 0), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.2, rel=0.1), name
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(9))
+    logits = model(idx)
+    x = ref_norm(model.wte.weight[idx] + model.wpe.weight[:16], model.norm, config)
+    torch.testing.assert_close(logits, x @ model.lm_head.weight.T)
+    (logits * torch.randn_like(logits)).sum().backward()
+    for block in model.blocks:
+        assert block.attn.proj.weight.grad.abs().min() > 0 and block.mlp.down.weight.grad.abs().min() > 0
 
 
 @pytest.mark.parametrize("field", ["dropout_embed", "dropout_attn", "dropout_resid"])
@@ -349,10 +390,15 @@ def incremental(model, idx, prefill, chunks=()):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("position", POSITIONS)
+# each position encoding, and the speedrun's ReLU² and soft-capped logits
+CACHED_ARCHES = {position: {"position": position} for position in POSITIONS} | {
+    "relu2-softcap": {"position": "rope", "mlp": "relu2", "logit_softcap": 1.0}}
+
+
+@pytest.mark.parametrize("arch", list(CACHED_ARCHES))
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-def test_kv_cache_equals_full_forward(position, heads):
-    model = model_of(tiny(position=position, n_heads=heads[0], n_kv_heads=heads[1], init_std=0.1))
+def test_kv_cache_equals_full_forward(arch, heads):
+    model = model_of(tiny(**CACHED_ARCHES[arch], n_heads=heads[0], n_kv_heads=heads[1], init_std=0.1))
     idx = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = model(idx)

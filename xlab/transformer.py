@@ -354,13 +354,13 @@ class Transformer(nn.Module):
         return self.logits(self.features(idx, cache, positions, key_mask))
 
     def logits(self, features: Tensor) -> Tensor:
-        """The language-model head: features (..., C) from `features` -> logits (..., V); soft-capped ones in
-        float32, where tanh does not round logits near the cap together (modded-nanogpt's choice)."""
+        """The language-model head: features (..., C) from `features` -> logits (..., V); soft-capped ones in at
+        least float32, where tanh does not round logits near the cap together (modded-nanogpt's choice)."""
         logits = self.lm_head(features)[..., : self.config.vocab_size]
         if self.config.logit_softcap is None:
             return logits
         cap = self.config.logit_softcap
-        return cap * torch.tanh(logits.float() / cap)
+        return cap * torch.tanh(logits.to(torch.promote_types(logits.dtype, torch.float32)) / cap)
 
     def features(self, idx: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
                  key_mask: Tensor | None = None) -> Tensor:
