@@ -14,6 +14,7 @@ import platform
 import random
 import sys
 from collections import Counter
+from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +29,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from xlab import data as xdata
 from xlab.data import SPLITS, XLabDataModule, split_documents, token_dtype
 from xlab.resume import Resume
-from xlab.tokenizer import Tokenizer
+from xlab.tokenizer import BOS, EOS, PAD, Tokenizer
 from xlab.windows import IGNORE_INDEX, PackedWindows, PaddedWindows, ShuffledSampler, SplitTokens
 
 WORDS = "the of and to in is was for on that with as by at from his her an which you were are it be".split()
@@ -130,13 +131,23 @@ def test_tokenizer_is_trained_on_the_train_split_only(tmp_path):
     assert not any("zq" in token for token in vocab)  # would be merged early if val text were seen
 
 
-def test_parallel_encoding_gives_the_same_tokens(tmp_path, corpus):
-    one, two = module(tmp_path / "one", corpus[0]), module(tmp_path / "two", corpus[0], num_proc=2)
+def test_parallel_encoding_gives_the_same_tokens_with_either_engine(tmp_path, corpus):
+    """tokenizers in 2 processes (each unpickles the tokenizer) and fastokens in one write the same files, the
+    reference ids, on a corpus with a document that spells the special tokens."""
+    path, docs = corpus
+    docs.append(f"a document that spells {EOS}, {BOS} and{PAD}.")
+    with path.open("a") as f:
+        f.write(json.dumps({"text": docs[-1]}) + "\n")
+    one = module(tmp_path / "one", path, encoder="fast" if find_spec("fastokens") else "auto")
+    two = module(tmp_path / "two", path, num_proc=2, encoder="hf")
     one.prepare_data()
     two.prepare_data()
+    splits = split_documents(len(docs), one.sizes, seed=one.hparams.seed)
     for name in SPLITS:
         assert (one.cache_dir / f"{name}.bin").read_bytes() == (two.cache_dir / f"{name}.bin").read_bytes()
         assert (one.cache_dir / f"{name}.idx").read_bytes() == (two.cache_dir / f"{name}.idx").read_bytes()
+        ids = reference_ids(one, [docs[i] for i in splits[name]])
+        assert np.fromfile(one.cache_dir / f"{name}.bin", np.uint16).tolist() == [t for d in ids for t in d]
 
 
 def test_uint32_tokens_when_the_vocabulary_does_not_fit_uint16(tmp_path, corpus):
@@ -161,8 +172,9 @@ def test_cache_is_reused_and_keyed_by_what_changes_the_data(tmp_path, corpus, mo
     monkeypatch.setattr(xdata, "encode_split", lambda *a, **k: pytest.fail("re-encoded a valid cache"))
     monkeypatch.setattr(xdata, "load_sources", lambda *a, **k: pytest.fail("read the sources again"))
     module(tmp_path, corpus[0]).prepare_data()
+    module(tmp_path, corpus[0], encoder="hf").prepare_data()  # the same ids: another engine does not re-encode
     same = [dict(context=64), dict(batch_size=32), dict(num_workers=2), dict(num_proc=4), dict(windows="padded"),
-            dict(prompt_tokens=5)]
+            dict(prompt_tokens=5), dict(encoder="hf"), dict(encoder="fast")]
     different = [dict(vocab_size=301), dict(seed=1), dict(val_size=7), dict(max_documents=50),
                  dict(tokenizer_train_bytes=1000), dict(special_tokens=["<|endoftext|>"])]
     assert all(module(tmp_path, corpus[0], **kw).fingerprint() == dm.fingerprint() for kw in same)

@@ -252,11 +252,15 @@ def document_start(tokenizer: Tokenizer, text: str) -> list[int]:
     encoded documents (`xlab.data.encode_documents`) into one stream, so a document follows the previous one's
     end-of-document token; a tokenizer that puts its own BOS before a text (Llama's <s>) starts it with that
     instead, once, as transformers' tokenizer encodes a prompt."""
+    import numpy as np
+    import pyarrow as pa
+
     from xlab.data import encode_documents
 
     if tokenizer.hf.post_processor is not None:
         return tokenizer.hf.encode(text, add_special_tokens=True).ids
-    stream = sum(encode_documents({"text": ["an earlier document", text]}, tokenizer)["ids"], [])
+    batch = pa.table({"text": ["an earlier document", text]})
+    stream = sum(encode_documents(batch, tokenizer, np.dtype(np.uint32)).column("ids").to_pylist(), [])
     return stream[stream.index(tokenizer.eos_id):-1]
 
 

@@ -60,8 +60,11 @@ def write_gpt2_files(tokenizer: Tokenizer, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def gpt2_pair(trained, tmp_path_factory) -> tuple[Tokenizer, tiktoken.Encoding]:
+@pytest.fixture(scope="module", params=["fast", "hf"])
+def gpt2_pair(trained, tmp_path_factory, request) -> tuple[Tokenizer, tiktoken.Encoding]:
+    """XLab reading GPT-2's files, with each encoding engine (`data.encoder`), and tiktoken reading them."""
+    if request.param == "fast":
+        pytest.importorskip("fastokens")
     folder = tmp_path_factory.mktemp("gpt2")
     write_gpt2_files(trained, folder)
     # local paths, no cache: tiktoken's file cache is keyed by path and could serve a stale file
@@ -70,7 +73,9 @@ def gpt2_pair(trained, tmp_path_factory) -> tuple[Tokenizer, tiktoken.Encoding]:
         ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "merges.txt"), str(folder / "vocab.json"))
     reference = tiktoken.Encoding(name="gpt2-test", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                   special_tokens={EOS: len(ranks)})
-    return Tokenizer.load(folder), reference
+    xlab = Tokenizer.load(folder)
+    xlab.encoder = request.param
+    return xlab, reference
 
 
 def test_gpt2_files_give_tiktoken_ids_on_fixed_texts(gpt2_pair):

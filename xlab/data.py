@@ -19,6 +19,7 @@ comes last and records sizes and the tokenizer's checksum, so an interrupted or 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from typing import Literal
 import datasets
 import lightning as L
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -110,14 +112,17 @@ def split_documents(n: int, sizes: dict[str, int | float], seed: int) -> dict[st
 
 # -------------------------------------------------------------------------------------------- encoding
 
-def encode_documents(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-    """`Dataset.map` function: each non-blank document's ids with the end-of-document id appended, and its
-    size in UTF-8 bytes. Blank documents are dropped here (the caller counts them)."""
-    texts = [t for t in batch["text"] if t and not t.isspace()]
-    ids = tokenizer.encode_batch(texts)
-    for doc in ids:
-        doc.append(tokenizer.eos_id)
-    return {"ids": ids, "bytes": [len(t.encode("utf-8")) for t in texts]}
+def encode_documents(batch: pa.Table, tokenizer: Tokenizer, dtype: np.dtype) -> pa.Table:
+    """`Dataset.map` function, Arrow in and out: each non-blank document's ids with the end-of-document id appended,
+    and its size in UTF-8 bytes. Blank documents are dropped here (the caller counts them). The ids go from the
+    encoder's flat buffer to Arrow's list column without a Python int per token."""
+    texts = batch.column("text").to_pylist()
+    kept = [bool(t) and not t.isspace() for t in texts]
+    ids, offsets = tokenizer.encode_flat(list(itertools.compress(texts, kept)))
+    ids = np.insert(ids.astype(dtype), offsets[1:], tokenizer.eos_id)  # after each document
+    offsets = (offsets + np.arange(len(offsets))).astype(np.int32)
+    n_bytes = pc.binary_length(batch.column("text").filter(kept)).cast(pa.int64())
+    return pa.table({"ids": pa.ListArray.from_arrays(offsets, ids), "bytes": n_bytes})
 
 
 @contextmanager
@@ -164,11 +169,13 @@ def encode_split(docs: datasets.Dataset, tokenizer: Tokenizer, folder: Path, nam
     start = time.perf_counter()
     try:
         procs = min(num_proc, len(docs)) if num_proc > 1 else None
+        tokenizer.engine()  # chosen (and logged) here, once, rather than in every process
         with tokenizer_threads_off(procs is not None):
-            encoded = docs.map(encode_documents, fn_kwargs={"tokenizer": tokenizer}, batched=True, num_proc=procs,
-                               remove_columns=docs.column_names, features=features, load_from_cache_file=False,
-                               cache_file_name=str(work / "encoded.arrow"), desc=f"encode {name}",
-                               new_fingerprint=hashlib.sha256(f"{key}/{name}".encode()).hexdigest()[:32])
+            encoded = docs.with_format("arrow").map(
+                encode_documents, fn_kwargs={"tokenizer": tokenizer, "dtype": dtype}, batched=True, num_proc=procs,
+                remove_columns=docs.column_names, features=features, load_from_cache_file=False,
+                cache_file_name=str(work / "encoded.arrow"), desc=f"encode {name}",
+                new_fingerprint=hashlib.sha256(f"{key}/{name}".encode()).hexdigest()[:32])
         n_tokens, n_bytes = write_tokens(encoded, work / "tokens.bin", work / "tokens.idx")
         manifest = {"version": CACHE_VERSION, "split": name, "documents": len(encoded),
                     "skipped_empty": len(docs) - len(encoded), "bytes": n_bytes, "tokens": n_tokens,
@@ -267,6 +274,7 @@ class XLabDataModule(L.LightningDataModule):
                  special_tokens: list[str] | None = None,
                  tokenizer_train_bytes: int | None = 1_000_000_000,
                  num_proc: int = 1,
+                 encoder: Literal["auto", "fast", "hf"] = "auto",
                  windows: Literal["packed", "padded"] = "packed",
                  context: int = 256,
                  batch_size: int = 16,
@@ -291,6 +299,9 @@ class XLabDataModule(L.LightningDataModule):
             tokenizer_train_bytes: train the tokenizer on a random sample of this much train text (None: all).
             num_proc: processes encoding in parallel (1: one process, whose tokenizer uses every core), also
                 converting a many-file dataset to Arrow.
+            encoder: the engine encoding text (data preparation and predict's prompts): "fast" (the fastokens
+                package), "hf" (tokenizers), or "auto": fast when installed and giving tokenizers' ids on the
+                tokenizer's pipeline, else hf (logged). The same ids either way, so it is not part of the fingerprint.
             windows: "packed" (documents joined by end-of-document tokens, cut into full windows) or
                 "padded" (each document on its own, padding ignored by the loss).
             context: tokens per window (linked to the model's context by the CLI).
@@ -434,6 +445,7 @@ class XLabDataModule(L.LightningDataModule):
         self.cache_dir = Path(self.hparams.data_dir) / self.current_fingerprint()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = self.get_tokenizer(corpus)
+        tokenizer.encoder = self.hparams.encoder
         for name in SPLITS:
             manifest, why = read_manifest(self.cache_dir, name, tokenizer.sha256())
             if manifest is None:
@@ -467,6 +479,7 @@ class XLabDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"no tokenizer at {self.tokenizer_path}: prepare the data first "
                                     "(./xlab.py prepare_data -c CONF, or datamodule.prepare_data())")
         self.tokenizer = self.pretrained or Tokenizer.load(self.tokenizer_path)
+        self.tokenizer.encoder = self.hparams.encoder
         if self.checkpoint_tokenizer is not None and self.tokenizer.sha256() != self.checkpoint_tokenizer.sha256():
             raise ValueError(f"{self.tokenizer_path} is not the tokenizer the checkpoint was trained with: remove "
                              f"{self.cache_dir} to prepare the data again with the checkpoint's tokenizer")
