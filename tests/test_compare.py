@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import statistics
 import time
 
@@ -210,6 +211,34 @@ def test_table_of_a_sweep_matches_its_events(sweep, capsys):
     stats = pytest.importorskip("scipy.stats")
     p = stats.ttest_ind(finals[best], finals[other], equal_var=False).pvalue
     assert f"{best} leads {other}" in out and f"p = {p:.3g}" in out
+
+
+def test_sweeps_group_by_what_they_vary(sweep, tmp_path, capsys):
+    """Sweeps alone are grouped by their --vary values: a sweep that varies config files gets one column (its
+    members differ in many config keys), and several sweeps get their names first, so equal values in two sweeps
+    stay two groups."""
+    presets = tmp_path / "presets"
+    members = [{"member": f"config={p}.yaml", "seed": seed, "overrides": {"config": f"{p}.yaml"},
+                "run": f"{p}/seed{seed}"} for p in POSITIONS for seed in SEEDS]
+    for p in POSITIONS:
+        shutil.copytree(sweep / p, presets / p)
+    (presets / "sweep.json").write_text(json.dumps({"name": "presets", "base": [], "seeds": len(SEEDS),
+                                                    "vary": {"config": [f"{p}.yaml" for p in POSITIONS]},
+                                                    "members": members}))
+    code, out, err = manage(capsys, "compare", presets)
+    assert code == 0, err
+    rows = table_rows(out)
+    assert rows["header"][:2] == ["config", "seeds"]  # not model.arch.position, which differs too
+    own = table_rows(manage(capsys, "compare", sweep)[1])
+    for p in POSITIONS:
+        assert rows[f"{p}.yaml"][1:] == own[p][1:]  # the same runs: the same figures
+    code, out, err = manage(capsys, "compare", sweep, presets)
+    assert code == 0, err
+    assert table_rows(out)["header"][:4] == ["sweep", "model.arch.position", "config", "seeds"]
+    groups = [[cell.strip().removesuffix(" ★") for cell in line.strip("|").split("|")][:4]
+              for line in out.splitlines()[2:] if line.startswith("| ")]
+    assert sorted(groups) == sorted([["positions", p, "", "2"] for p in POSITIONS]
+                                    + [["presets", "", f"{p}.yaml", "2"] for p in POSITIONS])
 
 
 def hparams_sessions(logdir) -> dict:

@@ -2,7 +2,8 @@
 
 Each run folder (`./xlab.py fit`'s `logs/version_N/`, or a member of a sweep folder, which holds `sweep.json`) gives
 its config (config.yaml, or the newest config-resume-*.yaml of a resumed run) and its scalars, read with
-TensorBoard's own reader. The config keys whose values differ between runs (the seed aside) define the groups; the
+TensorBoard's own reader. The config keys whose values differ between runs (the seed aside) define the groups, or,
+when only sweeps are named, what each sweep varies (its `--vary` values, after its name when there are several); the
 runs of a group differ only by seed. The table gives each group's mean ± std over seeds and a 95% interval of the
 mean (Student's t), marks the group with the lowest final val bpb and tests its lead over the next with Welch's
 t-test. The members of a sweep also get a TensorBoard HParams record (`<run>/hparams/`).
@@ -218,10 +219,12 @@ def read_run(folder: Path) -> Run:
 
 @dataclass
 class Sweep:
-    """A sweep folder (`sweep.json`) and its members' run folders."""
+    """A sweep folder (`sweep.json`): its varied keys, its members' run folders and each one's values of them."""
 
     path: Path
+    vary: list[str]
     runs: list[Path]
+    overrides: dict[Path, dict[str, str]]  # run folder -> its --vary values, as given
 
 
 def locate(paths: list[str]) -> tuple[list[Path], list[Sweep]]:
@@ -230,8 +233,10 @@ def locate(paths: list[str]) -> tuple[list[Path], list[Sweep]]:
     for name in paths:
         folder = Path(name)
         if (folder / "sweep.json").is_file():
-            members = json.loads((folder / "sweep.json").read_text())["members"]
-            sweeps.append(Sweep(folder, [folder / m["run"] for m in members if is_run(folder / m["run"])]))
+            described = json.loads((folder / "sweep.json").read_text())
+            members = described["members"]
+            started = {folder / m["run"]: m["overrides"] for m in members if is_run(folder / m["run"])}
+            sweeps.append(Sweep(folder, list(described["vary"]), list(started), started))
             if len(sweeps[-1].runs) < len(members):
                 print(f"note: {len(members) - len(sweeps[-1].runs)} of the {len(members)} members of {folder} "
                       "have not started: left out", file=sys.stderr)
@@ -305,12 +310,24 @@ class Group:
         return float(tokens[reached[0]]) if len(reached) else None
 
 
-def group_runs(runs: list[Run], keys: list[str]) -> list[Group]:
+def group_runs(runs: list[Run], keys: list[str], labels: dict[Path, tuple] | None = None) -> list[Group]:
+    """Runs with equal values of `keys` in their configs, or with equal `labels` (resolved run path -> values)."""
     groups: dict[str, Group] = {}
     for run in runs:
-        values = tuple(run.config.get(key) for key in keys)
+        values = labels[run.path.resolve()] if labels else tuple(run.config.get(key) for key in keys)
         groups.setdefault(repr(values), Group(values, [])).runs.append(run)
     return list(groups.values())
+
+
+def sweep_labels(sweeps: list[Sweep]) -> tuple[list[str], dict[Path, tuple]]:
+    """Keys and values that group the members of sweeps by what each sweep varies (its --vary values as given),
+    the sweep's name first when there are several. A varied config file (`--vary config=a.yaml,b.yaml`) changes
+    many keys at once: grouped by the differing keys, each would be a column."""
+    several = len(sweeps) > 1
+    vary = list(dict.fromkeys(key for sweep in sweeps for key in sweep.vary))
+    labels = {run.resolve(): (sweep.path.name,) * several + tuple(overrides.get(key, "") for key in vary)
+              for sweep in sweeps for run, overrides in sweep.overrides.items()}
+    return ["sweep"] * several + vary, labels
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -362,9 +379,12 @@ def label(group: Group) -> str:
     return ", ".join(map(str, group.values)) or "all runs"
 
 
-def format_table(groups: list[Group], keys: list[str], steps_to: float | None = None) -> str:
-    """The Markdown table (a row per group, best first), its notes and the verdict."""
-    per_token = not any(key in TOKENIZER_KEYS for key in keys)
+def format_table(groups: list[Group], keys: list[str], steps_to: float | None = None,
+                 differing: list[str] | None = None) -> str:
+    """The Markdown table (a row per group, best first), its notes and the verdict. differing: the config keys
+    that differ between the runs (default: keys), where a change of tokenizer shows."""
+    tokenizers = [key for key in (keys if differing is None else differing) if key in TOKENIZER_KEYS]
+    per_token = not tokenizers
     metrics = (("loss", "bpb") if per_token else ("bpb",))
     header = [*(keys or ["runs"]), "seeds", "steps", "tokens", "wall time", "tokens/s"]
     header += [f"{when} val {name}" for name in metrics for when in ("final", "best")]
@@ -385,8 +405,8 @@ def format_table(groups: list[Group], keys: list[str], steps_to: float | None = 
              "from each session's first TensorBoard event to its last record (validations included), tokens/s: "
              "tokens over that time"]
     if not per_token:
-        notes.append("the runs use different tokenizers (" + ", ".join(k for k in keys if k in TOKENIZER_KEYS)
-                     + " differ): compared on bits per byte only, loss per token omitted")
+        notes.append(f"the runs use different tokenizers ({', '.join(tokenizers)} differ): compared on bits per byte "
+                     "only, loss per token omitted")
     if steps_to is not None:
         notes.append(f"tokens to val bpb ≤ {steps_to:g}: at the first validation where the group's mean over seeds "
                      "reaches it")
@@ -477,9 +497,10 @@ def compare(paths: list[str], plot_path: str | None = None, x: str = "tokens", s
     runs = read_runs(folders, sweeps)
     if not runs:
         raise ValueError(f"no run to compare in {' '.join(paths)}: no member has validated yet")
-    keys = differing_keys([run.config for run in runs.values()])
-    groups = group_runs(list(runs.values()), keys)
-    table = format_table(groups, keys, steps_to)
+    differing = differing_keys([run.config for run in runs.values()])
+    keys, labels = sweep_labels(sweeps) if sweeps and not folders else (differing, None)
+    groups = group_runs(list(runs.values()), keys, labels)
+    table = format_table(groups, keys, steps_to, differing)
     print(table)
     for sweep in sweeps:
         log_sweep_hparams(sweep, runs)
