@@ -1,8 +1,9 @@
 """A few MB of English prose for experiments beside the built-in corpus (Python source code), without network.
 
 gensim's wheel ships a shortened English Wikipedia dump in its test data (206 pages, 6 MB of wikitext). This
-keeps its 106 articles (redirects and empty pages dropped), strips the markup with gensim's own `filter_wiki` and writes one JSON
-line per article, `{"title": ..., "text": ...}`: about 3.1 MB of text, which `data.source` reads as a local file.
+keeps its 106 articles (redirects and empty pages dropped), strips the markup with gensim's own `filter_wiki` and
+writes one JSON line per article, `{"title": ..., "text": ...}`: about 3.1 MB of text, which `data.source` reads
+as a local file.
 
     pip install gensim
     python benchmarks/enwiki_sample.py data/enwiki-sample.jsonl
@@ -27,8 +28,9 @@ def articles() -> list[dict[str, str]]:
     try:
         import gensim
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-    except ImportError:
-        raise SystemExit("enwiki_sample.py reads the Wikipedia sample in gensim's test data: pip install gensim")
+    except ImportError as missing:
+        raise SystemExit("enwiki_sample.py reads the Wikipedia sample in gensim's test data: "
+                         "pip install gensim") from missing
     dump = Path(gensim.__file__).parent / DUMP
     found = []
     with bz2.open(dump) as xml:

@@ -17,7 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IGNORE_INDEX = -100  # targets the loss skips: F.cross_entropy(..., ignore_index=-100)
-CACHE_VERSION = 1  # the layout of a split's files and manifest: a cache of another version is rebuilt
+# the layout of a split's files and manifest: a cache of another version is rebuilt (in a new folder: the cache key
+# holds it). 2: version 1's parallel encoding (data.num_proc > 1) gave a special token's string in a document the
+# special id (tokenizers' pickling drops encode_special_tokens), so such caches are not reused
+CACHE_VERSION = 2
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
