@@ -54,18 +54,18 @@ def _chunk_grads(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor, fe
     """The gradients of sum(scale * losses) of a chunk w.r.t. its features (n, C) and weight (V, C).
 
     d loss / d logits = (softmax - onehot(target)) * scale per row, written over `logits` (n, V), which is then
-    spent; scale (n,) is 0 at IGNORE_INDEX. Soft-capped logits c = s tanh(z / s) pass it on to the raw ones z
-    times dc/dz = 1 - tanh²(z / s) = 1 - (c / s)². The products run in the features' (compute) dtype, as autocast would
-    run a Linear's backward, except float16's, which run in float32: a GradScaler's scale comes only in backward,
-    and without it float16 flushes a large vocabulary's gradients (1 / V / N = 3e-8 at V = 8192 and N = 4096,
-    float16's least step 6e-8) to zero."""
+    spent; scale (n,) is 0 at IGNORE_INDEX. Soft-capped logits c = s tanh(z / s) pass it on to the raw ones z times
+    dc/dz = 1 - tanh²(z / s) = 1 - (c / s)², one more (n, V) buffer. The products run in the features' (compute)
+    dtype, as autocast would run a Linear's backward, except float16's, which run in float32: a GradScaler's scale
+    comes only in backward, and without it float16 flushes a large vocabulary's gradients (1 / V / N = 3e-8 at
+    V = 8192 and N = 4096, float16's least step 6e-8) to zero."""
     slope = None if softcap is None else 1 - (logits / softcap).square()  # before `logits` is overwritten
     grad = logits.sub_(lse[:, None]).exp_()
     grad.scatter_add_(1, targets.clamp(min=0)[:, None], torch.full_like(grad[:, :1], -1))
     dtype = torch.float32 if features.dtype == torch.float16 else features.dtype
-    grad = grad.mul_(torch.where(targets != IGNORE_INDEX, scale, 0)[:, None])
+    grad.mul_(torch.where(targets != IGNORE_INDEX, scale, 0)[:, None])
     if slope is not None:
-        grad = grad.mul_(slope)
+        grad.mul_(slope)
     grad = grad.to(dtype)
     return grad @ weight.to(dtype), grad.T @ features.to(dtype)
 
