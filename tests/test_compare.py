@@ -293,16 +293,21 @@ def test_steps_to(sweep, capsys):
         scalars = [events(sweep / position / f"seed{seed}") for seed in SEEDS]
         mean = np.mean([[s.value for s in e.Scalars("val/bpb")] for e in scalars], axis=0)
         tokens = {s.step: s.value for s in scalars[0].Scalars("train/tokens_seen")}
-        curves[position] = mean, [tokens[s.step] for s in scalars[0].Scalars("val/bpb")]
+        # the seeds' mean wall time at each validation, from each run's first event
+        seconds = np.mean([[s.wall_time - e.FirstEventTimestamp() for s in e.Scalars("val/bpb")] for e in scalars],
+                          axis=0)
+        steps = [s.step + 1 for s in scalars[0].Scalars("val/bpb")]  # optimizer steps done
+        curves[position] = mean, [tokens[s.step] for s in scalars[0].Scalars("val/bpb")], seconds, steps
     # a target that the second validation's mean reaches for rope, and one nobody reaches
     target = float(curves["rope"][0][1]) + 1e-6
     code, out, err = manage(capsys, "compare", sweep, "--steps-to", target)
     assert code == 0, err
     rows = table_rows(out)
-    column = rows["header"].index(f"tokens to val bpb ≤ {target:g}")
-    for position, (mean, tokens) in curves.items():
-        reached = [t for m, t in zip(mean, tokens, strict=True) if m <= target]
-        assert rows[position][column] == (f"{reached[0]:,.0f}" if reached else "not reached")
+    column = rows["header"].index(f"steps (tokens, time) to val bpb ≤ {target:g}")
+    for position, (mean, tokens, seconds, steps) in curves.items():
+        reached = [(n, f"{t:,.0f}", f"{s:.1f} s") for m, t, s, n in zip(mean, tokens, seconds, steps, strict=True)
+                   if m <= target]
+        assert rows[position][column] == ("{} ({}, {})".format(*reached[0]) if reached else "not reached")
     out = manage(capsys, "compare", sweep, "--steps-to", 0.01)[1]
     assert out.count("not reached") == len(POSITIONS)
 

@@ -293,7 +293,7 @@ class Group:
     def curve(self, name: str, x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """At the validations every run of the group made (the same steps): x (the runs' mean tokens, or
         seconds), and the runs' mean, min and max of val/`name`."""
-        common = sorted(set.intersection(*(set(run.val(name)[0].tolist()) for run in self.runs)))
+        common = self.validated_steps(name)
         rows, xs = [], []
         for run in self.runs:
             steps, values, seconds = run.val(name)
@@ -303,11 +303,20 @@ class Group:
         rows = np.stack(rows)
         return np.mean(xs, axis=0), rows.mean(0), rows.min(0), rows.max(0)
 
-    def tokens_to(self, target: float) -> float | None:
-        """Tokens at the first validation where the group's mean val bpb is <= target, else None."""
+    def validated_steps(self, name: str) -> list[int]:
+        """The steps at which every run of the group logged val/`name`."""
+        return sorted(set.intersection(*(set(run.val(name)[0].tolist()) for run in self.runs)))
+
+    def reaches(self, target: float) -> tuple[int, float, float] | None:
+        """Steps, tokens and seconds (the runs' means) at the first validation where the group's mean val bpb is
+        <= target, else None."""
         tokens, mean, _, _ = self.curve("bpb", "tokens")
+        seconds = self.curve("bpb", "time")[0]
         reached = np.flatnonzero(mean <= target)
-        return float(tokens[reached[0]]) if len(reached) else None
+        if not len(reached):
+            return None
+        first = reached[0]
+        return self.validated_steps("bpb")[first], float(tokens[first]), float(seconds[first])
 
 
 def group_runs(runs: list[Run], keys: list[str], labels: dict[Path, tuple] | None = None) -> list[Group]:
@@ -337,6 +346,10 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _reached(at: tuple[int, float, float] | None) -> str:
+    return "not reached" if at is None else f"{at[0]:,} ({_tokens(at[1])}, {_duration(at[2])})"
+
+
 def _stat(values: list[float], digits: int = 3) -> str:
     s = summarize(values)
     if s.n < 2:
@@ -351,8 +364,8 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
-def _tokens(tokens: float | None) -> str:
-    return "not reached" if tokens is None else f"{tokens:,.0f}"
+def _tokens(tokens: float) -> str:
+    return f"{tokens:,.0f}"
 
 
 def ranked(groups: list[Group]) -> list[Group]:
@@ -388,7 +401,7 @@ def format_table(groups: list[Group], keys: list[str], steps_to: float | None = 
     metrics = (("loss", "bpb") if per_token else ("bpb",))
     header = [*(keys or ["runs"]), "seeds", "steps", "tokens", "wall time", "tokens/s"]
     header += [f"{when} val {name}" for name in metrics for when in ("final", "best")]
-    header += [f"tokens to val bpb ≤ {steps_to:g}"] if steps_to is not None else []
+    header += [f"steps (tokens, time) to val bpb ≤ {steps_to:g}"] if steps_to is not None else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = ranked(groups)
     for group in order:
@@ -399,7 +412,7 @@ def format_table(groups: list[Group], keys: list[str], steps_to: float | None = 
         row = [*names, str(len(runs)), f"{np.mean([r.steps for r in runs]):,.0f}", _tokens(tokens),
                _duration(wall), f"{tokens / wall:,.0f}" if wall else "–"]
         row += [_stat(getattr(group, when)(name)) for name in metrics for when in ("final", "best")]
-        row += [_tokens(group.tokens_to(steps_to))] if steps_to is not None else []
+        row += [_reached(group.reaches(steps_to))] if steps_to is not None else []
         lines.append("| " + " | ".join(row) + " |")
     notes = ["", "mean ± std over seeds [95% interval of the mean, Student's t]; ★ lowest final val bpb; wall time: "
              "from each session's first TensorBoard event to its last record (validations included), tokens/s: "
@@ -408,8 +421,8 @@ def format_table(groups: list[Group], keys: list[str], steps_to: float | None = 
         notes.append(f"the runs use different tokenizers ({', '.join(tokenizers)} differ): compared on bits per byte "
                      "only, loss per token omitted")
     if steps_to is not None:
-        notes.append(f"tokens to val bpb ≤ {steps_to:g}: at the first validation where the group's mean over seeds "
-                     "reaches it")
+        notes.append(f"steps (tokens, time) to val bpb ≤ {steps_to:g}: at the first validation where the group's "
+                     "mean over seeds reaches it (time: the seeds' mean since their first event)")
     return "\n".join(lines + notes + [verdict(groups)])
 
 
