@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import run_script
 from test_export import make_training_checkpoint, one_thread, raw_tokenizer, tiny_config, tiny_tokenizer
+from test_optim import optimizer_of
 
 from xlab import manage
+from xlab.module import LanguageModel
 from xlab.tokenizer import Tokenizer
 
 assert one_thread  # autouse fixture, imported to apply here
@@ -74,6 +76,32 @@ def test_inspect_training_checkpoint_and_export(tmp_path, tok, capsys):
         files = [path] if path.is_file() else sorted(path.iterdir())
         for f in files:
             assert f"{f.name}: " in out and f"({f.stat().st_size:,} bytes)" in out
+
+
+def test_inspect_lists_which_optimizer_steps_which_parameters(tmp_path, tok, sources, capsys):
+    """Muon's and AdamW's groups in a training checkpoint, counted by hand (tiny llama: per block qkv 64x32, proj
+    32x32, up 96x32, down 32x48, two RMSNorms of 32; wte and the untied head 300x32; final norm 32), at the
+    schedule's first step (warmup 1/100). A checkpoint from before the group names gives counts only."""
+    config = tiny_config("llama", tok.vocab_size)
+    make_training_checkpoint(tmp_path / "muon.ckpt", config, tok)
+    checkpoint = torch.load(tmp_path / "muon.ckpt", weights_only=True)
+    optimizer = optimizer_of(LanguageModel(config, optimizer="muon", learning_rate=0.002))["optimizer"]
+    torch.save(checkpoint | {"optimizer_states": [optimizer.state_dict()]}, tmp_path / "muon.ckpt")
+    code, out, err = run(capsys, "inspect", tmp_path / "muon.ckpt")
+    assert code == 0, err
+    assert "\n".join([
+        "optimizer groups:",
+        "  hidden (Muon): 8 tensors, 15,360 parameters, lr 0.05 (now 0.0005), weight decay 0",
+        "    blocks.*.attn.qkv.weight, blocks.*.attn.proj.weight, blocks.*.mlp.up.weight, blocks.*.mlp.down.weight",
+        "  embeddings+other (AdamW): 6 tensors, 9,760 parameters, lr 0.002 (now 2e-05), weight decay 0",
+        "    wte.weight, blocks.*.norm1.weight, blocks.*.norm2.weight, norm.weight",
+        "  head (AdamW): 1 tensor, 9,600 parameters, lr 0.002 (now 2e-05), weight decay 0.1",
+        "    lm_head.weight",
+        "tokenizer:"]) in out, out
+    code, out, err = run(capsys, "inspect", sources["ckpt"])  # AdamW over model.parameters(), one group
+    assert "optimizer groups:\n  group 0: 15 tensors, lr 0.0001 (now 0.0001), weight decay 0.01\ntokenizer:" in out
+    code, out, err = run(capsys, "inspect", sources["exported"])
+    assert code == 0 and "optimizer groups" not in out  # an export has no optimizer state
 
 
 def test_inspect_onnx_describes_the_graph_as_onnxruntime_sees_it(tmp_path, tok, capsys):

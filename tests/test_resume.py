@@ -338,3 +338,18 @@ def test_a_checkpoint_from_before_the_counters_resumes_exactly(work, straight):
     fit(work, run, total_steps(work), f"--ckpt_path={last(work, run)}", **{"trainer.limit_val_batches": 0})
     assert_same_curve(straight, work / run)
     assert_consumed(last(work, run), expected_consumed(work, total_steps(work)))
+
+
+def test_muon_resumes_exactly_under_gradient_accumulation(work):
+    """Muon's momentum and AdamW's moments, every group's base and scheduled learning rate come back from last.ckpt
+    (`xlab.optim.Combined.state_dict`): 2 + 2 steps of 2 micro-batches are a straight run's 4, step by step."""
+    muon, steps = {"model.optimizer": "muon", "trainer.limit_val_batches": 0}, 4
+    fit(work, "muon-straight", steps, accumulate=2, **muon)
+    fit(work, "muon-resumed", steps // 2, accumulate=2, **muon)
+    fit(work, "muon-resumed", steps, f"--ckpt_path={last(work, 'muon-resumed')}", accumulate=2, **muon)
+    for tag in ("train/loss", "lr-Combined/hidden", "lr-Combined/embeddings+other"):
+        assert_same_curve(work / "muon-straight", work / "muon-resumed", tag)
+    final, resumed = load_checkpoint(last(work, "muon-straight")), load_checkpoint(last(work, "muon-resumed"))
+    for name, weight in final.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], weight, rtol=0, atol=1e-6, msg=name)
+    assert_consumed(last(work, "muon-resumed"), expected_consumed(work, steps, 2))

@@ -19,12 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
-from xlab.checkpoint import DTYPES, EXPORT_META, CheckpointError, check_output, export_checkpoint, load_checkpoint
+from xlab.checkpoint import (
+    DTYPES,
+    EXPORT_META,
+    CheckpointError,
+    check_output,
+    export_checkpoint,
+    load_checkpoint,
+    read_checkpoint_file,
+)
 
 
 def _dtype(args: argparse.Namespace) -> torch.dtype | None:
@@ -126,8 +136,28 @@ def describe_onnx(path: Path) -> str:
     return "\n".join(lines + _files([path] + [path.parent / name for name in external]))
 
 
+def describe_groups(path: Path, sizes: dict[str, int]) -> list[str]:
+    """The optimizer's parameter groups in a training checkpoint: each group's name and optimizer (`xlab.optim.label`),
+    tensors and parameters (`sizes` by name), base and current learning rate, weight decay, and its parameters'
+    names, each block's once (`blocks.*.`). Checkpoints from before the names give counts only."""
+    states = read_checkpoint_file(path).get("optimizer_states") or []
+    lines = ["optimizer groups:"] if states else []
+    for i, group in enumerate(states[0]["param_groups"] if states else []):
+        names = group.get("param_names", [])
+        by = f" ({group['optimizer']})" if "optimizer" in group else ""
+        count = f", {sum(sizes[n] for n in names):,} parameters" if names else ""
+        tensors = len(group["params"])
+        lines.append(f"  {group.get('name', f'group {i}')}{by}: {tensors} tensor{'s' * (tensors != 1)}{count}, lr "
+                     f"{group.get('initial_lr', group['lr']):g} (now {group['lr']:g}), weight decay "
+                     f"{group.get('weight_decay', 0):g}")
+        if names:
+            listing = ", ".join(dict.fromkeys(re.sub(r"^blocks\.\d+\.", "blocks.*.", n) for n in names))
+            lines += textwrap.wrap(listing, 116, initial_indent="    ", subsequent_indent="    ")
+    return lines
+
+
 def describe(path: str | Path) -> str:
-    """What `inspect` prints: architecture, parameters, training state, tokenizer, files."""
+    """What `inspect` prints: architecture, parameters, training state, optimizer groups, tokenizer, files."""
     path = Path(path)
     if path.is_file() and path.suffix == ".onnx":
         return describe_onnx(path)
@@ -157,6 +187,8 @@ def describe(path: str | Path) -> str:
               f"  validation loss: {val_loss:.4f}" if isinstance(val_loss, float) else "  validation loss: unknown"]
     if meta.get("imported_from"):
         lines.append(f"  imported from: {meta['imported_from']} ({meta.get('source')})")
+    if path.is_file():
+        lines += describe_groups(path, {name: p.numel() for name, p in model.named_parameters()})
     specials = {"eos": tok.eos_id, "bos": tok.bos_id, "pad": tok.pad_id}
     lines += ["tokenizer:", f"  vocab size: {tok.vocab_size:,}",
               "  special tokens: " + ", ".join(f"{role} {tok.hf.id_to_token(i)!r} = {i}"
@@ -177,8 +209,9 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    """Architecture, parameter counts, training step, tokens seen, validation loss, tokenizer, file sizes; for an
-    .onnx file its inputs, outputs, opset and KV cache."""
+    """Architecture, parameter counts, training step, tokens seen, validation loss, the optimizer's parameter groups
+    (which parameters each optimizer steps, at what learning rate), tokenizer, file sizes; for an .onnx file its
+    inputs, outputs, opset and KV cache."""
     print(describe(args.ckpt))
 
 
@@ -278,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--plot", metavar="PNG", help="write val bpb curves to this PNG (needs matplotlib)")
     sub.add_argument("--x", choices=("tokens", "time"), default="tokens", help="the plot's x axis (default tokens)")
     sub.add_argument("--steps-to", type=float, metavar="BPB",
-                     help="add a column: the tokens each group needs to reach this val bpb")
+                     help="add a column: the steps, tokens and wall time each group needs to reach this val bpb")
     sub.add_argument("--force", action="store_true", help="replace an existing plot")
 
     sub = command("sweep", cmd_sweep, ckpt_help=None)

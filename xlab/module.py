@@ -7,6 +7,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass, replace
+from typing import Literal
 
 import lightning as L
 import torch
@@ -23,7 +24,7 @@ from xlab.fsdp import full_copy, shard
 from xlab.generate import GenerationConfig, generate
 from xlab.kernels import OneDNNWeights
 from xlab.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, target_losses
-from xlab.optim import Schedule, param_groups
+from xlab.optim import ROLES, Combined, GroupLR, MuonConfig, Schedule, label, param_groups
 from xlab.resume import Resume
 from xlab.transformer import Transformer, TransformerConfig
 
@@ -37,6 +38,8 @@ ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
 # what scaled_dot_product_attention raises when none of the allowed backends fits: on CUDA (after a warning per
 # backend saying why), and on the CPU
 NO_SDPA_KERNEL = ("No available kernel", "No viable backend for scaled_dot_product_attention")
+
+OPTIMIZERS = ("adamw", "muon")  # model.optimizer's names; a torch.optim class is given by class_path
 
 
 def sdpa_backends(names: list[str] | None) -> list[SDPBackend] | None:
@@ -69,9 +72,10 @@ class LanguageModel(L.LightningModule):
     """Trains a `Transformer` on (inputs, targets) batches of token ids, each (B, T).
 
     generation: how `predict` continues its prompts (eos/bos/pad ids come from the tokenizer).
-    optimizer: any `torch.optim` class from YAML (`class_path` + `init_args`); by default AdamW
-    with `learning_rate`, `weight_decay`, `betas`, fused on CUDA. Weight decay applies to matrices
-    only (see `xlab.optim.param_groups`).
+    optimizer: `adamw` (the default: AdamW with `learning_rate`, `weight_decay`, `betas`, fused on CUDA), `muon`
+    (Muon on the blocks' matrices with the settings of `muon`, AdamW on the rest), or any `torch.optim` class from
+    YAML (`class_path` + `init_args`). Weight decay applies to matrices only; `group_lr` sets the learning rates of
+    the embeddings, the head and the other parameters (see `xlab.optim.param_groups`).
     loss_chunk_size: 0, the cross-entropy of the full logits (B, T, V); N > 0, `xlab.loss.linear_cross_entropy`
     over N tokens at a time, which never holds more than (N, V) logits. Not with FSDP yet.
     attention_backends: the SDPA kernels training and evaluation may use (`flash`, `cudnn`, `efficient`, `math`);
@@ -80,12 +84,16 @@ class LanguageModel(L.LightningModule):
 
     def __init__(self, arch: TransformerConfig = TransformerConfig(), learning_rate: float = 1e-3,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 decay_embeddings: bool = False, optimizer: OptimizerCallable | None = None,
-                 schedule: Schedule = Schedule(), compile: bool = False, init_from: str | None = None,
+                 decay_embeddings: bool = False, optimizer: Literal["adamw", "muon"] | OptimizerCallable = "adamw",
+                 muon: MuonConfig = MuonConfig(), group_lr: GroupLR = GroupLR(), schedule: Schedule = Schedule(),
+                 compile: bool = False, init_from: str | None = None,
                  sample_prompts: list[str] | None = None, sample_tokens: int = 64,
                  generation: GenerationConfig = GenerationConfig(strategy="greedy", max_new_tokens=64),
                  loss_chunk_size: int = 0, attention_backends: list[str] | None = None):
         super().__init__()
+        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer {optimizer!r}: choose {' or '.join(OPTIMIZERS)}, or give a torch.optim "
+                             "class (class_path and init_args)")
         if loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be 0 (the full logits) or positive, got {loss_chunk_size}")
         self.attention_backends = sdpa_backends(attention_backends)
@@ -104,6 +112,7 @@ class LanguageModel(L.LightningModule):
         self.loss_fn = next_token_loss
         self.eval_loss_fn = target_losses
         self.optimizer_factory = optimizer
+        self.muon, self.group_lr = muon, group_lr
         self.schedule = schedule
         self.generation = generation
         self.resume = Resume()  # what the run has consumed; see configure_callbacks
@@ -154,6 +163,10 @@ class LanguageModel(L.LightningModule):
             # FSDP2 gathers the root's weights (embeddings, head) in the model's forward hooks, which
             # `features` and a loss reading lm_head.weight directly would bypass
             raise ValueError("loss_chunk_size is not supported with FSDP yet: set model.loss_chunk_size=0")
+        if self.device_mesh is not None and self.optimizer_factory == "muon":
+            # each rank holds a shard of every matrix: Muon would orthogonalise the shards, not the matrices
+            raise ValueError("model.optimizer=muon is not supported with FSDP2 (it would orthogonalise each rank's "
+                             "shard of a matrix): train with DDP (-c conf/extra/ddp.yaml) or model.optimizer=adamw")
         if self.device_mesh is not None and not isinstance(self.model, FSDPModule):
             shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
         if self.hparams.compile:
@@ -202,7 +215,7 @@ class LanguageModel(L.LightningModule):
                 features = self.features_fn(x)
             out = self.chunked_loss_fn(features.flatten(0, 1), self.model.lm_head.weight, y.flatten(),
                                        self.model.config.vocab_size, self.hparams.loss_chunk_size,
-                                       "none" if per_token else "mean", predict)
+                                       "none" if per_token else "mean", predict, self.model.config.logit_softcap)
             return out if predict else (out, None)
         with self.attention():
             logits = self.model(x)
@@ -345,26 +358,40 @@ class LanguageModel(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        h = self.hparams
-        groups = param_groups(self.model, h.weight_decay, h.decay_embeddings)
-        if self.optimizer_factory is not None:
-            groups[0].pop("weight_decay")  # the decayed group takes the optimizer's own setting
-            optimizer = self.optimizer_factory(groups)
-            # an lr or weight_decay still at the optimizer's default was not set by its init_args: ours then
-            own = inspect.signature(type(optimizer)).parameters
-            for key, value, targets in (("lr", h.learning_rate, optimizer.param_groups),
-                                        ("weight_decay", h.weight_decay, optimizer.param_groups[:1])):
-                if key in own and optimizer.defaults.get(key) == own[key].default:
-                    for group in targets:
-                        group[key] = value
-        else:
-            # fused AdamW unscales inside its step, which float16's grad scaler cannot follow
-            fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
-            optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=h.betas, fused=fused)
+        optimizer = self.build_optimizer()
+        label(optimizer)
         total = self.schedule.total_steps or (
             self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """`model.optimizer` over `xlab.optim.param_groups`."""
+        h = self.hparams
+
+        def groups(roles: tuple[str, ...], weight_decay: float | None = h.weight_decay) -> list[dict]:
+            return param_groups(self.model, weight_decay, h.decay_embeddings, self.group_lr, roles)
+
+        # fused AdamW unscales inside its step, which float16's grad scaler cannot follow
+        fused = self.device.type == "cuda" and not str(self.trainer.precision).startswith("16")
+        if self.optimizer_factory == "adamw":
+            return torch.optim.AdamW(groups(ROLES), lr=h.learning_rate, betas=h.betas, fused=fused)
+        if self.optimizer_factory == "muon":
+            hidden, rest = groups(ROLES[:1], weight_decay=None), groups(ROLES[1:])  # Muon's own decay
+            return Combined(torch.optim.Muon(hidden, **self.muon.options(h.learning_rate, h.weight_decay)),
+                            torch.optim.AdamW(rest, lr=h.learning_rate, betas=h.betas, fused=fused))
+        # the decayed groups take the optimizer's own weight decay
+        chosen = groups(ROLES, weight_decay=None)
+        given = [set(group) for group in chosen]
+        optimizer = self.optimizer_factory(chosen)
+        # an lr or weight_decay still at the optimizer's default was not set by its init_args: ours then
+        own = inspect.signature(type(optimizer)).parameters
+        for key, value in (("lr", h.learning_rate), ("weight_decay", h.weight_decay)):
+            if key in own and optimizer.defaults.get(key) == own[key].default:
+                for group, keys in zip(optimizer.param_groups, given, strict=True):
+                    if key not in keys:
+                        group[key] = value
+        return optimizer
 
     def waits_for_device(self) -> bool:
         """Whether reading a value computed here waits for the device's queue (a GPU, not the CPU)."""

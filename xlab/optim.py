@@ -1,24 +1,124 @@
-"""Parameter groups and learning-rate schedules (multipliers of the base rate, per optimizer step)."""
+"""Parameter groups, the optimizers over them (AdamW; or Muon on the hidden matrices and AdamW on the rest, as one
+optimizer) and learning-rate schedules (multipliers of each group's own base rate, per optimizer step)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
 
+import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from xlab.transformer import Transformer
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
-    """Weight decay on matrices only: norms and biases (1-D) never, embeddings only if asked."""
+ROLES = ("hidden", "embeddings", "head", "other")  # in the order of the groups they make
+
+
+def roles(model: Transformer) -> list[tuple[str, str, nn.Parameter]]:
+    """(role, name, parameter) of every trainable parameter, in the model's order (tied weights once). Roles:
+    `hidden`, the blocks' matrices (attention and MLP weights); `embeddings`, the token and position tables (and the
+    head when tied: one tensor); `head`, an untied output head; `other`, norms, biases and any other parameter."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in dict.fromkeys(model.parameters()):  # tied weights appear once
-        if not p.requires_grad:
-            continue
-        matrix = p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings)
-        (decay if matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2}
+    found = []
+    for name, p in model.named_parameters():  # tied weights appear once
+        if p.requires_grad:
+            role = ("embeddings" if id(p) in embeddings else "head" if p is model.lm_head.weight
+                    else "hidden" if id(p) in hidden else "other")
+            found.append((role, name, p))
+    return found
+
+
+@dataclass
+class GroupLR:
+    """Learning rates of the embeddings, the untied head and the other parameters (norms, biases); None:
+    `model.learning_rate`. The hidden matrices take `model.learning_rate` under AdamW, `model.muon.lr` under Muon."""
+
+    embeddings: float | None = None
+    head: float | None = None
+    other: float | None = None
+
+
+def param_groups(model: Transformer, weight_decay: float | None, decay_embeddings: bool = False,
+                 lr: GroupLR = GroupLR(), only: tuple[str, ...] = ROLES) -> list[dict]:
+    """The groups of the parameters whose role is in `only`, named after their roles: one per distinct (lr, weight
+    decay), so that by default AdamW has two, the decayed matrices (hidden+head) and the rest (embeddings+other), as
+    checkpoints written before the roles have. Weight decay on matrices only: norms and biases never, embeddings only
+    if asked. A setting that is None is left out of the group: the optimizer's own applies."""
+    settings = {"hidden": (None, weight_decay), "head": (lr.head, weight_decay), "other": (lr.other, 0.0),
+                "embeddings": (lr.embeddings, weight_decay if decay_embeddings else 0.0)}
+    found = [(role, name, p) for role, name, p in roles(model) if role in only]
+    present = {role: settings[role] for role in ROLES if any(r == role for r, _, _ in found)}
+    groups = []
+    for key in dict.fromkeys(present.values()):  # in the order of ROLES
+        members = [role for role, setting in present.items() if setting == key]
+        chosen = [(name, p) for role, name, p in found if role in members]  # in the model's order
+        group = {"name": "+".join(members), "params": [p for _, p in chosen], "param_names": [n for n, _ in chosen]}
+        groups.append(group | {k: v for k, v in zip(("lr", "weight_decay"), key, strict=True) if v is not None})
+    return groups
+
+
+@dataclass
+class MuonConfig:
+    """Muon (`torch.optim.Muon`) on the hidden matrices, with `model.optimizer: muon`: momentum, orthogonalised by
+    `ns_steps` Newton-Schulz iterations, scaled by `adjust_lr_fn` for the matrix's shape. The defaults are
+    modded-nanogpt's (the GPT-2 speedrun: lr 0.05, Nesterov momentum 0.95, 5 steps, no weight decay, the update
+    scaled by max(1, rows/cols)^0.5, "original"). "match_rms_adamw" (Moonlight) scales the update to AdamW's typical
+    size, so Muon can share AdamW's rate and weight decay: set lr and weight_decay to None, which stand for
+    `model.learning_rate` and `model.weight_decay`."""
+
+    lr: float | None = 0.05
+    weight_decay: float | None = 0.0
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    adjust_lr_fn: Literal["original", "match_rms_adamw", "spectral_unclamped"] = "original"
+
+    def options(self, lr: float, weight_decay: float) -> dict:
+        """torch.optim.Muon's keyword arguments, None standing for `lr` and `weight_decay`."""
+        return asdict(self) | {"lr": lr if self.lr is None else self.lr,
+                               "weight_decay": weight_decay if self.weight_decay is None else self.weight_decay}
+
+
+class Combined(torch.optim.Optimizer):
+    """Optimizers over disjoint parameters, stepped as one: for what takes a single optimizer (Lightning's automatic
+    optimization, the LR schedule, gradient clipping, float16's unscaling). Its `param_groups` are the parts' own
+    dicts, so a schedule that sets a group's lr sets the part's; its `state` is the one dict the parts write, so
+    `state_dict` is the standard one over every group, and `load_state_dict` restores each part."""
+
+    def __init__(self, *parts: torch.optim.Optimizer):
+        self.parts = parts
+        super().__init__([group for part in parts for group in part.param_groups], {})
+        self.share()
+
+    def share(self) -> None:
+        """Give each part its own groups of ours, and our state (loading replaces both with new objects)."""
+        groups = iter(self.param_groups)
+        for part in self.parts:
+            part.param_groups = [next(groups) for _ in part.param_groups]
+            part.state = self.state
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # Lightning's: forward and backward, once for all the parts
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.share()
+
+
+def label(optimizer: torch.optim.Optimizer) -> None:
+    """Write into each group the class of the optimizer that steps it: checkpoints keep it for `manage.py inspect`."""
+    for part in getattr(optimizer, "parts", (optimizer,)):
+        for group in part.param_groups:
+            group["optimizer"] = type(part).__name__
 
 
 @dataclass
