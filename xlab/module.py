@@ -24,7 +24,7 @@ from xlab.fsdp import full_copy, shard
 from xlab.generate import GenerationConfig, generate
 from xlab.kernels import OneDNNWeights
 from xlab.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, target_losses
-from xlab.optim import ROLES, Combined, GroupLR, MuonConfig, Schedule, label, param_groups
+from xlab.optim import ROLES, Combined, GroupLR, Muon, MuonConfig, Schedule, label, param_groups
 from xlab.resume import Resume
 from xlab.transformer import Transformer, TransformerConfig
 
@@ -378,7 +378,7 @@ class LanguageModel(L.LightningModule):
             return torch.optim.AdamW(groups(ROLES), lr=h.learning_rate, betas=h.betas, fused=fused)
         if self.optimizer_factory == "muon":
             hidden, rest = groups(ROLES[:1], weight_decay=None), groups(ROLES[1:])  # Muon's own decay
-            return Combined(torch.optim.Muon(hidden, **self.muon.options(h.learning_rate, h.weight_decay)),
+            return Combined(Muon(hidden, **self.muon.options(h.learning_rate, h.weight_decay)),
                             torch.optim.AdamW(rest, lr=h.learning_rate, betas=h.betas, fused=fused))
         # the decayed groups take the optimizer's own weight decay
         chosen = groups(ROLES, weight_decay=None)

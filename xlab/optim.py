@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.optim import _muon
 
 if TYPE_CHECKING:
     from xlab.transformer import Transformer
@@ -80,6 +81,37 @@ class MuonConfig:
         """torch.optim.Muon's keyword arguments, None standing for `lr` and `weight_decay`."""
         return asdict(self) | {"lr": lr if self.lr is None else self.lr,
                                "weight_decay": weight_decay if self.weight_decay is None else self.weight_decay}
+
+
+def newton_schulz_float32(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                          eps: float) -> Tensor:
+    """Muon's orthogonalisation of grad (rows, cols) as `torch.optim.Muon` computes it (the quintic iteration on the
+    wide orientation, from unit Frobenius norm), in float32 where torch's runs in bfloat16: a CPU without bf16 units
+    emulates bfloat16 products, 2-20x slower than float32 ones (128 to 256 wide, our 2-core AVX2 machine)."""
+    a, b, c = ns_coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.float().T if tall else grad.float()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(grad.dtype)
+
+
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon`, with the Newton-Schulz iterations in float32 when its parameters are on the CPU (see
+    `newton_schulz_float32`); on a GPU it is torch's, bfloat16 products and all."""
+
+    def step(self, closure=None):
+        on_cpu = all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+        if not on_cpu or not hasattr(_muon, "_zeropower_via_newtonschulz"):
+            return super().step(closure)
+        # torch's step calls its module's function by name: swapped for the step's length only
+        torch_own, _muon._zeropower_via_newtonschulz = _muon._zeropower_via_newtonschulz, newton_schulz_float32
+        try:
+            return super().step(closure)
+        finally:
+            _muon._zeropower_via_newtonschulz = torch_own
 
 
 class Combined(torch.optim.Optimizer):
