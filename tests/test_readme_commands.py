@@ -297,7 +297,7 @@ COMMANDS: dict[str, Skip | Run] = {
         subs=(("RUNS_OR_SWEEPS...", "logs/ablation"), ("[--plot curves.png]", "--plot curves.png"),
               ("[--x time]", "--x time"), ("[--steps-to BPB]", "--steps-to 100")),
         needs=(ABLATION,),
-        writes=("curves.png",), prints=("| model.arch.position | seeds |", "tokens to val bpb ≤ 100", "one seed")),
+        writes=("curves.png",), prints=("| model.arch.position | seeds |", "time) to val bpb ≤ 100", "one seed")),
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --loss-chunk-size 8192": Skip(
         "a GPU benchmark (benchmarks/gpu_session.sh on a lent GPU), not CI"),
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --attention-backends cudnn": Skip(
