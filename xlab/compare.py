@@ -389,7 +389,8 @@ def verdict(groups: list[Group]) -> str:
 
 
 def label(group: Group) -> str:
-    return ", ".join(map(str, group.values)) or "all runs"
+    # a sweep's member has no value for a key only other sweeps vary: ""
+    return ", ".join(str(value) for value in group.values if value != "") or "all runs"
 
 
 def format_table(groups: list[Group], keys: list[str], steps_to: float | None = None,
