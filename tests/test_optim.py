@@ -13,7 +13,7 @@ from conftest import ROOT, tiny_args
 from test_cli import error_of
 
 from xlab.module import LanguageModel
-from xlab.optim import Combined, GroupLR, Muon, Schedule
+from xlab.optim import Combined, GroupLR, Muon, MuonConfig, Schedule
 from xlab.transformer import TransformerConfig
 
 # Keller Jordan's quintic Newton-Schulz coefficients (kellerjordan.github.io/posts/muon)
@@ -151,3 +151,22 @@ def test_fsdp_refuses_muon():
     module._device_mesh = object()  # as ModelParallelStrategy sets it: the model is about to be sharded
     with pytest.raises(ValueError, match="muon is not supported with FSDP2.*DDP.*or model.optimizer=adamw"):
         module.configure_model()
+
+
+def test_the_modern_preset_layers_over_the_defaults_as_its_file_says(tmp_path):
+    """conf/extra/modern.yaml through the CLI's layering (defaults.yaml, then the file): Muon at its rate on the
+    blocks' matrices, AdamW at the preset's rate on the rest, and every architecture switch of the file on."""
+    from conftest import run_cli
+
+    printed = run_cli("fit", "-c", ROOT / "conf/extra/modern.yaml", "--print_config").stdout
+    model = yaml.safe_load(printed)["model"]
+    written = yaml.safe_load((ROOT / "conf/extra/modern.yaml").read_text())["model"]
+    assert {key: model["arch"][key] for key in written["arch"]} == written["arch"]
+    assert model["arch"]["d_model"] == 256  # sizes from conf/defaults.yaml
+    module = LanguageModel(preset("modern"), optimizer=model["optimizer"], learning_rate=model["learning_rate"],
+                           muon=MuonConfig(**model["muon"]))
+    rates = {(g["optimizer"], g["name"]): g["initial_lr"] for g in optimizer_of(module)["optimizer"].param_groups}
+    assert rates == {("Muon", "hidden"): written["muon"]["lr"], ("AdamW", "embeddings+other"): written["learning_rate"],
+                     ("AdamW", "head"): written["learning_rate"]}
+    blocks = module.model.blocks
+    assert all(not b.attn.proj.weight.any() and not b.mlp.down.weight.any() for b in blocks)  # zero_init_proj
