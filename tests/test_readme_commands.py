@@ -165,6 +165,41 @@ ABLATION = ("./manage.py sweep --vary model.arch.position=learned,sinusoidal,rop
 ABLATION_SMALL = (("--seeds 3", "--seeds 1"), ("--name positions", "--name ablation"))
 SWEEP_SMALL = (("learned,rope,alibi", "learned,rope"), ("--seeds 3", "--seeds 1"))  # 2 members, not 9
 NO_SLURM = "a line of the sbatch script: needs a SLURM cluster (srun); the requeue it serves is a resume, run above"
+# The modern recipe: the learning-rate grid (one seed a point), the three presets (run here shrunk, one seed), prose
+RECIPE_BASE = "./manage.py sweep -c conf/extra/{} -c conf/extra/ablation.yaml"
+LR_BASE = RECIPE_BASE + " --trainer.val_check_interval=50"
+LR_SWEEPS = [
+    LR_BASE.format("gpt2.yaml") + " --vary model.learning_rate=1e-3,2e-3,4e-3,8e-3 --name lr-gpt2",
+    LR_BASE.format("llama.yaml") + " --vary model.learning_rate=1e-3,2e-3,4e-3,8e-3 --name lr-llama",
+    LR_BASE.format("llama.yaml") + " --vary model.learning_rate=1.6e-2 --name lr-llama-high",
+    LR_BASE.format("modern.yaml") + " --vary model.muon.lr=0.01,0.02,0.05 --vary model.learning_rate=2e-3,4e-3 "
+    "--name lr-modern",
+    LR_BASE.format("modern.yaml") + " --vary model.muon.lr=0.005,0.01 --vary model.learning_rate=4e-3,8e-3 "
+    "--name lr-modern-fine",
+    LR_BASE.format("modern.yaml") + " --vary model.muon.lr=0.0025 --vary model.learning_rate=8e-3 --name lr-modern-low",
+    LR_BASE.format("modern.yaml") + " --vary model.muon.lr=0.005 --vary model.learning_rate=1.6e-2 "
+    "--name lr-modern-adam",
+    "./manage.py compare logs/lr-gpt2 logs/lr-llama logs/lr-llama-high logs/lr-modern logs/lr-modern-fine "
+    "logs/lr-modern-low logs/lr-modern-adam",
+]
+LR_GRID = "the learning-rate grid behind the README's table: 22 runs of ~2 min; the recipe sweeps run shrunk here"
+RATES = {"gpt2": "--vary model.learning_rate=4e-3", "llama": "--vary model.learning_rate=8e-3",
+         "modern": "--vary model.learning_rate=1.6e-2 --vary model.muon.lr=0.005"}
+RECIPES = {f"recipe-{p}": f"{RECIPE_BASE.format(p + '.yaml')} {RATES[p]} --seeds 3 --name recipe-{p}" for p in RATES}
+PROSE_SWEEPS = [f"{RECIPE_BASE.format(p + '.yaml')} {RATES[p]} --seeds 3 --name prose-{p} "
+                "--data.source=data/enwiki-sample.jsonl" for p in RATES]
+PROSE = "the prose sample comes from gensim's wheel (not a dependency); the same sweeps run above as recipe-*"
+
+
+def trained_as_the_modern_preset(work: Path, result: subprocess.CompletedProcess) -> None:
+    checkpoint = read_checkpoint_file(newest_checkpoint(work))
+    hparams = checkpoint["hyper_parameters"]
+    groups = {group["name"]: group for group in checkpoint["optimizer_states"][0]["param_groups"]}
+    assert (groups["hidden"]["optimizer"], groups["hidden"]["initial_lr"]) == ("Muon", 0.005)
+    assert (hparams["arch"]["mlp"], hparams["arch"]["logit_softcap"], hparams["arch"]["zero_init_proj"]) == \
+        ("relu2", 15.0, True)
+
+
 COMMANDS: dict[str, Skip | Run] = {
     "make train": Skip("the full default experiment (~6 min) in a fresh .venv; its two commands run here, shrunk: "
                        "`./xlab.py fit` and `./infer.py logs/version_0/checkpoints/last.ckpt \"def \"`"),
@@ -298,6 +333,20 @@ COMMANDS: dict[str, Skip | Run] = {
               ("[--x time]", "--x time"), ("[--steps-to BPB]", "--steps-to 100")),
         needs=(ABLATION,),
         writes=("curves.png",), prints=("| model.arch.position | seeds |", "time) to val bpb ≤ 100", "one seed")),
+    "./xlab.py fit -c conf/extra/modern.yaml": Run(FIT, check=trained_as_the_modern_preset),
+    **{command: Skip(LR_GRID) for command in LR_SWEEPS},
+    **{command: Run(FIT, subs=(("--seeds 3", "--seeds 1"),), writes=(f"logs/{name}/*/seed0/checkpoints/last.ckpt",))
+       for name, command in RECIPES.items()},
+    "./manage.py compare logs/recipe-gpt2 logs/recipe-llama logs/recipe-modern --steps-to 1.831 "
+    "--plot docs/recipes.png": Run(needs=tuple(RECIPES.values()), writes=("docs/recipes.png",),
+                                   prints=("| sweep | model.learning_rate | model.muon.lr | seeds |", "recipe-modern")),
+    "./manage.py compare logs/recipe-gpt2 logs/recipe-llama logs/recipe-modern --plot docs/recipes-time.png "
+    "--x time": Run(needs=tuple(RECIPES.values()), writes=("docs/recipes-time.png",)),
+    "pip install gensim": Skip("installs from the package index: gensim is not a dependency, only the source of the "
+                               "prose sample"),
+    "python benchmarks/enwiki_sample.py data/enwiki-sample.jsonl": Skip(
+        "needs gensim (not a dependency); the prose sweeps below are the recipe sweeps above on its output"),
+    **{command: Skip(PROSE) for command in PROSE_SWEEPS},
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --loss-chunk-size 8192": Skip(
         "a GPU benchmark (benchmarks/gpu_session.sh on a lent GPU), not CI"),
     "python benchmarks/gpu_train.py --preset gpt2 --batch 32 --attention-backends cudnn": Skip(
