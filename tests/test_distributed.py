@@ -50,14 +50,16 @@ def scalars(run, tag: str) -> dict[int, float]:
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    clock = "--trainer.callbacks+=test_distributed.TickingClock"
+    """With Muon on the matrices and AdamW on the rest (`model.optimizer: muon`): each rank orthogonalises the same
+    averaged gradient. AdamW alone under DDP is test_fsdp.py's reference."""
+    clock = ["--trainer.callbacks+=test_distributed.TickingClock", "--model.optimizer=muon"]
     env = {"PYTHONPATH": str(ROOT / "tests")}
     single = tiny_args(tmp_path, steps=4,
                        **{"data.batch_size": 8, "trainer.logger.init_args.save_dir": tmp_path / "one"})
-    run_script("xlab.py", "fit", *single, clock, env=env)
+    run_script("xlab.py", "fit", *single, *clock, env=env)
     double = tiny_args(tmp_path, steps=4, **DDP, **{"trainer.devices": 2, "data.batch_size": 4,
                                                     "trainer.logger.init_args.save_dir": tmp_path / "two"})
-    run_script("xlab.py", "fit", *double, clock, env={**env, "MASTER_PORT": str(free_port())})
+    run_script("xlab.py", "fit", *double, *clock, env={**env, "MASTER_PORT": str(free_port())})
     one = load_checkpoint(tmp_path / "one/version_0/checkpoints/last.ckpt")
     two = load_checkpoint(tmp_path / "two/version_0/checkpoints/last.ckpt")
     assert one.meta["tokens_seen"] == two.meta["tokens_seen"] == 4 * 8 * 32
