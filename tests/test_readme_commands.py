@@ -188,6 +188,7 @@ RATES = {"gpt2": "--vary model.learning_rate=4e-3", "llama": "--vary model.learn
 RECIPES = {f"recipe-{p}": f"{RECIPE_BASE.format(p + '.yaml')} {RATES[p]} --seeds 3 --name recipe-{p}" for p in RATES}
 PROSE_SWEEPS = [f"{RECIPE_BASE.format(p + '.yaml')} {RATES[p]} --seeds 3 --name prose-{p} "
                 "--data.source=data/enwiki-sample.jsonl" for p in RATES]
+PROSE_SWEEPS.append("./manage.py compare logs/prose-gpt2 logs/prose-llama logs/prose-modern --steps-to 2.581")
 PROSE = "the prose sample comes from gensim's wheel (not a dependency); the same sweeps run above as recipe-*"
 
 
